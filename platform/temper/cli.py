@@ -1,0 +1,114 @@
+"""The `temper` command. User mistakes print one line each and exit 2, without a traceback."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from temper.console import console
+from temper.errors import TemperError
+
+app = typer.Typer(
+    name="temper",
+    help="Distributed training from one YAML job spec: run locally or on a Ray cluster, tracked in MLflow.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+JobArg = Annotated[Path, typer.Argument(help="The job spec YAML file.", show_default=False)]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a spec value: --set optim.lr=1e-3 (repeatable)."),
+]
+
+
+@app.command()
+def run(
+    job: JobArg,
+    set_: SetOpt = None,
+    launcher: Annotated[
+        str, typer.Option(help="ray (default): Ray Train workers; torchrun: local processes; "
+                               "inprocess: one worker in this process.")
+    ] = "ray",
+    address: Annotated[
+        str | None, typer.Option(help="Join this Ray cluster (else $RAY_ADDRESS, else a local Ray).")
+    ] = None,
+) -> None:
+    """Train the job: start the workers, record the run in MLflow, wait for the end."""
+    from temper.launch import build_launcher, run_job
+    from temper.spec import load_spec
+
+    spec = load_spec(job, set_ or [])
+    chosen = build_launcher(launcher, address=address)
+    outcome = run_job(spec, launcher=chosen, workdir=Path.cwd())
+    m = outcome.result.metrics
+    summary = [f"finished {spec.name}: {outcome.result.steps or spec.train.max_steps} steps"]
+    for key in ("train/loss", "val/loss", "val/acc", "perf/samples_per_s"):
+        if key in m:
+            summary.append(f"{key} {m[key]:.4g}")
+    console.print("  ".join(summary))
+    if outcome.run_id:
+        console.print(f"MLflow run {outcome.run_id} ({outcome.tracking_uri})")
+
+
+@app.command()
+def validate(
+    job: JobArg,
+    set_: SetOpt = None,
+    show: Annotated[bool, typer.Option("--print", help="Print the resolved spec as YAML.")] = False,
+) -> None:
+    """Check a job spec without running it; --print shows it with every default filled in."""
+    from temper.spec import load_spec, spec_to_yaml
+
+    spec = load_spec(job, set_ or [])
+    if show:
+        typer.echo(spec_to_yaml(spec), nl=False)
+    console.print(
+        f"ok: {spec.name}: model {spec.model.kind}, objective {spec.objective.kind}, "
+        f"strategy {spec.strategy.kind}, {spec.resources.workers} worker(s), "
+        f"global batch {spec.global_batch_size}, {spec.train.max_steps} steps"
+    )
+
+
+@app.command()
+def schema(
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print the reference tables instead.")] = False,
+) -> None:
+    """Print the JSON Schema of the job spec (for editors and CI validation)."""
+    if markdown:
+        from temper.spec.reference import render_reference
+
+        typer.echo(render_reference(), nl=False)
+        return
+    from temper.spec.models import JobSpec
+
+    typer.echo(json.dumps(JobSpec.model_json_schema(), indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point: maps errors to exit codes (2 = user error)."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except TemperError as e:
+        for line in e.problems:
+            console.print(f"[red]error:[/red] {escape(line)}", soft_wrap=True)
+        return e.exit_code
+    except (KeyboardInterrupt, typer.Abort):
+        console.print("[yellow]interrupted[/yellow]")
+        return 130
+    except typer.Exit as e:
+        return e.exit_code
+    except typer.TyperException as e:  # usage errors (typer vendors click's exceptions)
+        e.show()
+        return getattr(e, "exit_code", 2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""The Launcher interface: start the workers for one job and return rank 0's result."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from temper.spec.models import JobSpec
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything a worker needs, in plain data: the resolved spec and the MLflow run."""
+
+    spec: JobSpec
+    spec_json: str
+    run_info: dict[str, str] | None
+    workdir: Path
+
+    def payload(self) -> dict[str, Any]:
+        return {"spec_json": self.spec_json, "run_info": self.run_info}
+
+
+@dataclass
+class LaunchResult:
+    steps: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    loss_history: list[tuple[int, float]] = field(default_factory=list)
+
+
+class Launcher(ABC):
+    name: str
+
+    def check(self, spec: JobSpec) -> None:
+        """Reject a spec this launcher cannot run, before any run is recorded."""
+
+    @abstractmethod
+    def launch(self, job: Job) -> LaunchResult:
+        """Run the job's workers to completion; raise JobFailedError with the root cause."""
+
+    def stop(self) -> None:
+        """Stop the workers now (Ctrl-C); must be safe to call at any time."""
+
+    def close(self) -> None:
+        """Release what `launch` started (a local Ray instance, temp files)."""

@@ -1,0 +1,170 @@
+"""Ray launcher: Ray Train's TorchTrainer runs `resources.workers` workers.
+
+Starts a local Ray instance, or joins `--address` / $RAY_ADDRESS. Rank 0's progress
+events travel to the driver through a small ProgressSink actor, so the progress bar is
+drawn where the user's terminal is, whichever node the workers run on.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+from temper.console import ProgressDisplay
+from temper.errors import JobFailedError, TemperError
+from temper.launch.base import Job, Launcher, LaunchResult
+
+# Environment forwarded to the workers when set on the driver.
+FORWARDED_ENV = (
+    "TEMPER_LOG_LEVEL", "TEMPER_PEAK_TFLOPS", "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_INSECURE_TLS",
+)
+
+
+def _progress_sink_class():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class ProgressSink:
+        def __init__(self) -> None:
+            self.events: list[dict] = []
+
+        def push(self, event: dict) -> None:
+            self.events.append(event)
+
+        def drain(self) -> list[dict]:
+            events, self.events = self.events, []
+            return events
+
+    return ProgressSink
+
+
+class RayLauncher(Launcher):
+    name = "ray"
+
+    def __init__(self, *, address: str | None = None) -> None:
+        self.address = address or os.environ.get("RAY_ADDRESS") or None
+        self._started_ray = False
+        self._stop = threading.Event()
+
+    def _init_ray(self, job: Job) -> None:
+        import ray
+
+        if ray.is_initialized():
+            return
+        env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+        # The dashboard hosts Ray's state API, which Ray Train's controller polls.
+        kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": True,
+                                  "configure_logging": True, "logging_level": "WARNING"}
+        if self.address:
+            try:
+                ray.init(address=self.address, **kwargs)
+            except (ConnectionError, RuntimeError) as e:
+                raise TemperError(
+                    f"--address {self.address}: cannot join the Ray cluster ({str(e).splitlines()[0]}); "
+                    "check the address or drop --address to start a local Ray"
+                ) from None
+        else:
+            r = job.spec.resources
+            need = r.workers * r.cpus_per_worker
+            ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), **kwargs)
+        self._started_ray = True
+        self._check_resources(job)
+
+    def _check_resources(self, job: Job) -> None:
+        import ray
+
+        r = job.spec.resources
+        have_gpus = ray.cluster_resources().get("GPU", 0)
+        if r.gpus_per_worker and r.workers * r.gpus_per_worker > have_gpus and not self.address:
+            raise TemperError(
+                f"resources.gpus_per_worker: {r.workers} workers x {r.gpus_per_worker} GPUs "
+                f"requested but this machine's Ray sees {have_gpus:g}; lower resources.workers "
+                "or resources.gpus_per_worker"
+            )
+
+    def _trainer(self, job: Job, sink: Any):
+        from ray.train import RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        from temper.runtime.entry import ray_train_loop
+
+        r = job.spec.resources
+        use_gpu = r.gpus_per_worker > 0
+        resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if use_gpu else {})}
+        storage = None if self.address else str((job.workdir / ".temper" / "ray").resolve())
+        return TorchTrainer(
+            ray_train_loop,
+            train_loop_config={**job.payload(), "progress_sink": sink},
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=r.workers, use_gpu=use_gpu,
+                                         resources_per_worker=resources),
+            run_config=RunConfig(name=f"{job.spec.name}-{(job.run_info or {}).get('run_id', 'norun')[:8]}",
+                                 storage_path=storage),
+        )
+
+    def launch(self, job: Job) -> LaunchResult:
+        import ray
+
+        self._init_ray(job)
+        sink = _progress_sink_class().remote()
+        self._display = ProgressDisplay(title=job.spec.name)
+        self._result = LaunchResult(steps=0)
+        pump = threading.Thread(target=self._pump, args=(sink,), daemon=True)
+        pump.start()
+        try:
+            self._trainer(job, sink).fit()
+        except Exception as e:  # Ray wraps worker errors; surface the root cause
+            raise JobFailedError(_ray_root_cause(e)) from e
+        finally:
+            self._stop.set()
+            pump.join(timeout=5)
+            self._consume(ray.get(sink.drain.remote()))
+            self._display.close()
+        return self._result
+
+    def _consume(self, events: list[dict]) -> None:
+        """Show rank 0's events and fold them into the result (steps, last metrics, curve)."""
+        for event in events:
+            self._display.update(event)
+            self._result.steps = max(self._result.steps, int(event["step"]))
+            metrics = {k: v for k, v in event.items() if "/" in k}
+            self._result.metrics.update(metrics)
+            if "train/loss" in metrics:
+                self._result.loss_history.append((int(event["step"]), metrics["train/loss"]))
+
+    def _pump(self, sink: Any) -> None:
+        import ray
+
+        while not self._stop.wait(0.5):
+            try:
+                self._consume(ray.get(sink.drain.remote(), timeout=5))
+            except Exception:  # the display is best effort; training must not care
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._started_ray:
+            import ray
+
+            ray.shutdown()  # kills the worker actors of a local Ray; detaches from a remote one
+
+    def close(self) -> None:
+        if self._started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def _ray_root_cause(error: Exception) -> str:
+    failures = getattr(error, "worker_failures", None)
+    if failures:
+        rank = min(failures)
+        cause = failures[rank]
+        cause = getattr(cause, "cause", None) or cause
+        text = f"{type(cause).__name__}: {cause}".strip().splitlines()
+        tail = [line for line in text if line.strip()]
+        return f"rank {rank}: {tail[-1] if tail else type(cause).__name__}"
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__

@@ -1,0 +1,73 @@
+"""torchrun launcher: N local worker processes under torch.distributed.run, no Ray.
+
+The driver writes the job to a file, runs `torchrun --standalone --nproc-per-node N -m
+temper.runtime.entry --job-file F`, and reads rank 0's result (or the failing rank's
+error) from files next to it. This is the launcher for machines without Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from temper.errors import JobFailedError
+from temper.launch.base import Job, Launcher, LaunchResult
+
+
+class TorchrunLauncher(Launcher):
+    name = "torchrun"
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen | None = None
+
+    def command(self, job: Job, *, job_file: Path, result_file: Path) -> list[str]:
+        return [
+            sys.executable, "-m", "torch.distributed.run",
+            "--standalone", "--nnodes=1", f"--nproc-per-node={job.spec.resources.workers}",
+            "-m", "temper.runtime.entry",
+            "--job-file", str(job_file), "--result-file", str(result_file),
+        ]
+
+    def launch(self, job: Job) -> LaunchResult:
+        with tempfile.TemporaryDirectory(prefix="temper-torchrun-") as tmp:
+            tmpdir = Path(tmp)
+            job_file, result_file = tmpdir / "job.json", tmpdir / "result.json"
+            job_file.write_text(json.dumps(job.payload()))
+            env = {**os.environ, "TEMPER_ERROR_DIR": str(tmpdir), "OMP_NUM_THREADS": "1"}
+            self._proc = subprocess.Popen(
+                self.command(job, job_file=job_file, result_file=result_file),
+                env=env, cwd=job.workdir, start_new_session=True,
+            )
+            code = self._proc.wait()
+            if code != 0:
+                raise JobFailedError(_root_cause(tmpdir, code))
+            data = json.loads(result_file.read_text())
+        return LaunchResult(
+            steps=data["steps"], metrics=data["metrics"],
+            loss_history=[tuple(x) for x in data["loss_history"]],
+        )
+
+    def stop(self) -> None:
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        os.killpg(proc.pid, signal.SIGTERM)  # torchrun and its workers share the group
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _root_cause(tmpdir: Path, code: int) -> str:
+    """The first failing rank's error, as written by the worker entry."""
+    errors = sorted(tmpdir.glob("error-rank*.json"), key=lambda p: p.stat().st_mtime)
+    if errors:
+        first = json.loads(errors[0].read_text())
+        return f"rank {first['rank']}: {first['error']}"
+    return f"torchrun exited with code {code}; see the worker output above"

@@ -1,0 +1,139 @@
+"""GPT-style decoder (nanoGPT-like): pre-LayerNorm blocks, causal SDPA, GELU MLP.
+
+Pure single-device model: no parallelism code. Strategies shard it from the outside:
+FSDP wraps each entry of `GPT.blocks`; tensor parallelism targets the named Linear layers
+`attn.q`, `attn.k`, `attn.v` (column-wise), `attn.proj` (row-wise), `mlp.fc` (column-wise)
+and `mlp.proj` (row-wise). Attention infers the local head count from the projection
+width, so column-sharded q/k/v work unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from temper.errors import TemperError
+from temper.spec.models import GPTSpec
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention via `scaled_dot_product_attention(is_causal=True)`."""
+
+    def __init__(self, spec: GPTSpec) -> None:
+        super().__init__()
+        d = spec.d_model
+        self.head_dim = d // spec.n_head
+        self.q = nn.Linear(d, d)
+        self.k = nn.Linear(d, d)
+        self.v = nn.Linear(d, d)
+        self.proj = nn.Linear(d, d)
+        self.dropout = spec.dropout
+        self.resid_drop = nn.Dropout(spec.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        # [B, T, H, Dh] -> [B, H, T, Dh]; H is inferred so TP-sharded projections still work.
+        q, k, v = (
+            lin(x).view(b, t, -1, self.head_dim).transpose(1, 2) for lin in (self.q, self.k, self.v)
+        )
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )
+        y = y.transpose(1, 2).reshape(b, t, -1)
+        return self.resid_drop(self.proj(y))
+
+
+class MLP(nn.Module):
+    """Linear -> GELU -> Linear with hidden width int(mlp_ratio * d_model)."""
+
+    def __init__(self, spec: GPTSpec) -> None:
+        super().__init__()
+        hidden = int(spec.mlp_ratio * spec.d_model)
+        self.fc = nn.Linear(spec.d_model, hidden)
+        self.act = nn.GELU()
+        self.proj = nn.Linear(hidden, spec.d_model)
+        self.drop = nn.Dropout(spec.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.proj(self.act(self.fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    def __init__(self, spec: GPTSpec) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(spec.d_model)
+        self.attn = CausalSelfAttention(spec)
+        self.ln2 = nn.LayerNorm(spec.d_model)
+        self.mlp = MLP(spec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer: tokens [B, T] (T <= seq_len) -> logits [B, T, vocab_size]."""
+
+    def __init__(self, spec: GPTSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.tok_emb = nn.Embedding(spec.vocab_size, spec.d_model)
+        self.pos_emb = nn.Embedding(spec.seq_len, spec.d_model)
+        self.drop = nn.Dropout(spec.dropout)
+        self.blocks = nn.ModuleList(Block(spec) for _ in range(spec.n_layer))
+        self.ln_f = nn.LayerNorm(spec.d_model)
+        self.head = nn.Linear(spec.d_model, spec.vocab_size, bias=False)
+        if spec.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """(Re)initialize every parameter from the torch RNG (GPT-2 scheme, deterministic)."""
+        residual_std = 0.02 / math.sqrt(2 * self.spec.n_layer)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                if module is self.head and self.spec.tie_embeddings:
+                    continue  # shares tok_emb.weight, initialized below
+                std = residual_std if name.endswith(("attn.proj", "mlp.proj")) else 0.02
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        t = tokens.shape[1]
+        if t > self.spec.seq_len:
+            raise TemperError(
+                f"input has {t} tokens but model.seq_len is {self.spec.seq_len}; "
+                f"raise model.seq_len to at least {t}"
+            )
+        pos = torch.arange(t, device=tokens.device)
+        x = self.drop(self.tok_emb(tokens) + self.pos_emb(pos))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count (tied weights once); non_embedding drops the position embedding."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.pos_emb.weight.numel()
+        return n
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token (PaLM / nanoGPT estimate_mfu): 6N + 12 * L * d * T."""
+        s = self.spec
+        return 6 * self.num_params() + 12 * s.n_layer * s.d_model * s.seq_len
+
+    def train_flops_per_sample(self) -> int:
+        """Training FLOPs (forward + backward) for one sequence of seq_len tokens."""
+        return self.flops_per_token() * self.spec.seq_len

@@ -1,0 +1,1 @@
+"""Worker side: distributed context, the training loop, optimizers, perf counters."""

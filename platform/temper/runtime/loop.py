@@ -1,0 +1,206 @@
+"""The training loop every worker runs, whatever launched it. Read it top to bottom.
+
+    train(spec, ctx)
+      build model (same seed on every rank) -> objective -> strategy.setup(model, optimizer)
+      -> LR schedule -> data (this rank's share) -> tracker (rank 0 only logs)
+      for step in range(max_steps):
+          grad_accum micro-steps (gradient sync only on the last one)
+          clip by global norm -> optimizer step -> schedule step
+          every log_every: all-reduce the window's metrics, log, show progress
+          every eval_every (and at the end): evaluate on the held-out split
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from temper.data import build_data
+from temper.models import build_model
+from temper.objectives import build_objective
+from temper.objectives.base import Objective
+from temper.runtime.context import DistContext
+from temper.runtime.optim import build_optimizer, build_scheduler
+from temper.runtime.perf import PerfMeter, peak_flops
+from temper.runtime.report import Reporter
+from temper.spec.models import JobSpec
+from temper.strategies import Strategy, build_strategy
+from temper.tracking import build_tracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What rank 0 returns to the launcher: the last metrics and the logged loss curve."""
+
+    steps: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    loss_history: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class _Window:
+    """Device-side sums over the steps since the last log (no .item() per step)."""
+
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    steps: int = 0
+
+    @classmethod
+    def empty(cls, device: torch.device) -> _Window:
+        return cls(loss=torch.zeros((), device=device), grad_norm=torch.zeros((), device=device))
+
+
+def train(
+    spec: JobSpec,
+    ctx: DistContext,
+    *,
+    run_info: dict | None = None,
+    reporter: Reporter | None = None,
+) -> TrainResult:
+    """Train `spec` on this worker; every rank calls this with its own `ctx`."""
+    reporter = reporter or Reporter()
+    torch.manual_seed(spec.seed)  # identical initial weights on every rank
+    model = build_model(spec.model)
+    flops_per_sample = getattr(model, "train_flops_per_sample", lambda: None)()
+    objective = build_objective(spec.objective)
+    strategy = build_strategy(spec, ctx=ctx)
+    strategy.setup(model, build_optimizer=lambda m: build_optimizer(m, spec.optim))
+    scheduler = build_scheduler(
+        strategy.optimizer, spec=spec.optim.schedule, max_steps=spec.train.max_steps
+    )
+    torch.manual_seed(spec.seed + 1 + ctx.rank)  # dropout differs per rank, reproducibly
+    data = build_data(spec, rank=ctx.rank, world_size=ctx.world_size)
+    tracker = build_tracker(run_info, rank=ctx.rank, spec=spec)
+    perf = PerfMeter(
+        device=ctx.device,
+        world_size=ctx.world_size,
+        flops_per_sample=flops_per_sample,
+        peak_flops_per_device=peak_flops(ctx.device, spec.train.precision),
+    )
+    result = TrainResult(steps=0)
+    try:
+        _run_steps(
+            spec=spec, ctx=ctx, strategy=strategy, objective=objective, scheduler=scheduler,
+            data=data, tracker=tracker, perf=perf, reporter=reporter, result=result,
+        )
+    finally:
+        tracker.close()
+        strategy.close()
+    return result
+
+
+def _run_steps(*, spec, ctx, strategy, objective, scheduler, data, tracker, perf, reporter, result):
+    """The step loop: train, log every `log_every`, evaluate every `eval_every` and at the end."""
+    t = spec.train
+    batches = data.train_batches()
+    window = _Window.empty(ctx.device)
+    autocast = _autocast_factory(spec, ctx)
+    strategy.model.train()
+    for step in range(1, t.max_steps + 1):
+        lr = scheduler.get_last_lr()[0]
+        samples, tokens = _train_step(
+            strategy=strategy, objective=objective, batches=batches, ctx=ctx, spec=spec,
+            window=window, autocast=autocast,
+        )
+        scheduler.step()
+        perf.tick(samples=samples, tokens=tokens)
+        last = step == t.max_steps
+        if step % t.log_every == 0 or last:
+            metrics = _close_window(window, ctx=ctx, perf=perf)
+            metrics["train/lr"] = lr
+            _check_finite(metrics["train/loss"], step=step)
+            result.loss_history.append((step, metrics["train/loss"]))
+            result.metrics.update(metrics)
+            tracker.log_metrics(metrics, step=step)
+            reporter.progress({"step": step, "max_steps": t.max_steps, **metrics})
+            window = _Window.empty(ctx.device)
+        if data.has_eval and ((t.eval_every and step % t.eval_every == 0) or last):
+            metrics = evaluate(strategy=strategy, objective=objective, data=data, ctx=ctx, autocast=autocast)
+            result.metrics.update(metrics)
+            tracker.log_metrics(metrics, step=step)
+            reporter.progress({"step": step, "max_steps": t.max_steps, **metrics})
+        result.steps = step
+
+
+def _train_step(*, strategy: Strategy, objective: Objective, batches: Iterator, ctx: DistContext,
+                spec: JobSpec, window: _Window, autocast) -> tuple[int, int]:
+    """One optimizer step over `grad_accum` micro-batches; returns this rank's samples, tokens."""
+    accum = spec.train.grad_accum
+    samples = tokens = 0
+    for micro in range(accum):
+        batch = _to_device(next(batches), ctx.device)
+        with strategy.accumulate(sync=micro == accum - 1):
+            with autocast():
+                out = objective(strategy.model, batch)
+            strategy.backward(out.loss / accum)
+        window.loss += out.loss.detach() / accum
+        for name, value in out.metrics.items():
+            key = f"train/{name}"
+            window.metrics[key] = window.metrics.get(key, 0.0) + value.detach().float() / accum
+        samples += out.num_samples
+        tokens += out.num_tokens
+    window.grad_norm += strategy.clip_grad_norm(spec.optim.grad_clip).detach().float()
+    strategy.step()
+    window.steps += 1
+    return samples, tokens
+
+
+def _close_window(window: _Window, *, ctx: DistContext, perf: PerfMeter) -> dict[str, float]:
+    """Average the window over its steps and over ranks (one all-reduce), add perf rates."""
+    keys = ["train/loss", "train/grad_norm", *sorted(window.metrics)]
+    local = torch.stack([window.loss.float(), window.grad_norm, *(window.metrics[k] for k in keys[2:])])
+    mean = ctx.all_reduce_mean(local / max(window.steps, 1)).tolist()
+    metrics = dict(zip(keys, mean, strict=True))
+    metrics.update(perf.window())
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(*, strategy: Strategy, objective: Objective, data, ctx: DistContext, autocast) -> dict[str, float]:
+    """Mean loss and metrics over this rank's eval share, then averaged over ranks by sample."""
+    model = strategy.model
+    model.eval()
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    for batch in data.eval_batches():
+        batch = _to_device(batch, ctx.device)
+        with autocast():
+            out = objective(model, batch)
+        n = out.num_samples
+        for name, value in {"loss": out.loss, **out.metrics}.items():
+            sums[name] = sums.get(name, 0.0) + value.detach().float() * n
+        count += n
+    model.train()
+    keys = sorted(sums)
+    local = torch.stack([*(sums[k] for k in keys), torch.tensor(float(count), device=ctx.device)])
+    total = ctx.all_reduce_mean(local) * ctx.world_size  # sums across ranks
+    n_total = max(total[-1].item(), 1.0)
+    return {f"val/{k}": v / n_total for k, v in zip(keys, total[:-1].tolist(), strict=True)}
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    non_blocking = device.type == "cuda"
+    return {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
+
+
+def _autocast_factory(spec: JobSpec, ctx: DistContext):
+    """A zero-argument context factory: bf16 autocast when asked, else a no-op."""
+    if spec.train.precision == "bf16":
+        return lambda: torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def _check_finite(loss: float, *, step: int) -> None:
+    if not math.isfinite(loss):
+        raise FloatingPointError(
+            f"train/loss is {loss} at step {step}; lower optim.lr, enable optim.grad_clip, "
+            "or use train.precision=fp32"
+        )

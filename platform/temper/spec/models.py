@@ -1,0 +1,282 @@
+"""The job spec: pydantic v2 models, frozen, unknown keys rejected.
+
+One YAML file maps onto `JobSpec`. Sections with alternatives (`model`, `data`,
+`strategy`, `objective`) are discriminated unions on `kind:`; each alternative is a
+`*Spec` class registered in the union below. Later issues add alternatives by adding a
+class to the union, never by `if` chains in the loop.
+
+This module imports neither torch nor ray: `temper validate` and `temper schema` stay fast.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _fill_flavor(data: Any, presets: dict[str, dict[str, Any]]) -> Any:
+    """Fill fields the user left out from the named flavor's preset (explicit keys win)."""
+    if not isinstance(data, dict) or data.get("flavor") is None:
+        return data
+    preset = presets.get(data["flavor"])
+    if preset is None:
+        return data  # the Literal on `flavor` reports the bad name
+    return {**preset, **data}
+
+
+# ----------------------------------------------------------------------------- models
+
+GPT_FLAVORS: dict[str, dict[str, Any]] = {
+    "tiny": {"n_layer": 2, "n_head": 4, "d_model": 64, "seq_len": 64, "vocab_size": 256},
+    "small": {"n_layer": 12, "n_head": 12, "d_model": 768, "seq_len": 1024, "vocab_size": 50304},
+    "1b": {"n_layer": 24, "n_head": 16, "d_model": 2048, "seq_len": 2048, "vocab_size": 50304},
+}
+
+
+class GPTSpec(_Spec):
+    """GPT-style decoder (pre-norm, causal self-attention, GELU MLP) for causal LM."""
+
+    kind: Literal["gpt"] = "gpt"
+    flavor: Literal["tiny", "small", "1b"] | None = Field(
+        default=None, description="Preset sizes; keys given explicitly override the preset."
+    )
+    vocab_size: int = Field(default=256, ge=2, description="Token vocabulary size.")
+    seq_len: int = Field(default=64, ge=2, description="Context length in tokens.")
+    n_layer: int = Field(default=2, ge=1, description="Number of transformer blocks.")
+    n_head: int = Field(default=4, ge=1, description="Attention heads per block.")
+    d_model: int = Field(default=64, ge=8, description="Residual stream width.")
+    mlp_ratio: float = Field(default=4.0, gt=0, description="MLP hidden width / d_model.")
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    tie_embeddings: bool = Field(default=True, description="Share input and output embeddings.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flavor(cls, data: Any) -> Any:
+        return _fill_flavor(data, GPT_FLAVORS)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> GPTSpec:
+        if self.d_model % self.n_head:
+            raise ValueError(
+                f"d_model={self.d_model} is not divisible by n_head={self.n_head}; "
+                "pick n_head dividing d_model"
+            )
+        return self
+
+
+RESNET_FLAVORS: dict[str, dict[str, Any]] = {
+    "tiny": {"block": "basic", "layers": [1, 1, 1, 1], "base_width": 16},
+    "resnet18": {"block": "basic", "layers": [2, 2, 2, 2], "base_width": 64},
+    "resnet50": {"block": "bottleneck", "layers": [3, 4, 6, 3], "base_width": 64},
+}
+
+
+class ResNetSpec(_Spec):
+    """ResNet (CNN) for image classification."""
+
+    kind: Literal["resnet"] = "resnet"
+    flavor: Literal["tiny", "resnet18", "resnet50"] | None = None
+    num_classes: int = Field(default=10, ge=2)
+    in_channels: int = Field(default=3, ge=1)
+    image_size: int = Field(default=32, ge=8, description="Input height and width in pixels.")
+    block: Literal["basic", "bottleneck"] = "basic"
+    layers: tuple[int, int, int, int] = Field(default=(1, 1, 1, 1), description="Blocks per stage.")
+    base_width: int = Field(default=16, ge=4, description="Channels of the first stage.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flavor(cls, data: Any) -> Any:
+        return _fill_flavor(data, RESNET_FLAVORS)
+
+
+ModelSpec = Annotated[GPTSpec | ResNetSpec, Field(discriminator="kind")]
+
+# ------------------------------------------------------------------------- objectives
+
+
+class CausalLMSpec(_Spec):
+    """Next-token prediction (cross-entropy over the vocabulary)."""
+
+    kind: Literal["causal_lm"] = "causal_lm"
+
+
+class ClassifySpec(_Spec):
+    """Supervised classification (cross-entropy; reports accuracy)."""
+
+    kind: Literal["classify"] = "classify"
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+
+ObjectiveSpec = Annotated[CausalLMSpec | ClassifySpec, Field(discriminator="kind")]
+
+#: Which objectives each model kind can train, the first being the default.
+OBJECTIVES_FOR_MODEL: dict[str, tuple[str, ...]] = {
+    "gpt": ("causal_lm",),
+    "resnet": ("classify",),
+}
+
+# ------------------------------------------------------------------------------- data
+
+
+class SyntheticDataSpec(_Spec):
+    """Deterministic, seeded, learnable synthetic data shaped for the model.
+
+    Token models get sequences from a seeded sparse Markov chain; image models get
+    class-specific templates plus noise. Sample i is a pure function of (seed, i).
+    """
+
+    kind: Literal["synthetic"] = "synthetic"
+    num_samples: int = Field(default=4096, ge=1, description="Training samples per epoch.")
+    eval_samples: int = Field(default=256, ge=0, description="Held-out samples (0: no eval).")
+    noise: float = Field(default=0.1, ge=0.0, le=1.0, description="Randomness mixed into samples.")
+    num_workers: int = Field(default=0, ge=0, description="DataLoader worker processes per rank.")
+
+
+DataSpec = Annotated[SyntheticDataSpec, Field(discriminator="kind")]
+
+# ------------------------------------------------------------------------- strategies
+
+
+class DDPSpec(_Spec):
+    """PyTorch DistributedDataParallel: replicated model, all-reduced gradients."""
+
+    kind: Literal["ddp"] = "ddp"
+    bucket_cap_mb: float = Field(default=25.0, gt=0)
+    find_unused_parameters: bool = False
+    static_graph: bool = False
+
+
+StrategySpec = Annotated[DDPSpec, Field(discriminator="kind")]
+
+# -------------------------------------------------------------------- optim and train
+
+
+class ScheduleSpec(_Spec):
+    """Learning-rate schedule: linear warmup, then constant, linear or cosine decay."""
+
+    kind: Literal["constant", "linear", "cosine"] = Field(default="cosine", description="Decay after warmup.")
+    warmup_steps: int = Field(default=0, ge=0, description="Linear warmup from 0 to lr.")
+    min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0, description="Final lr / peak lr.")
+
+
+class OptimSpec(_Spec):
+    """Optimizer (AdamW or SGD), its learning rate, weight decay and gradient clipping."""
+
+    kind: Literal["adamw", "sgd"] = Field(default="adamw", description="Optimizer.")
+    lr: float = Field(default=3e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(default=0.0, ge=0, description="Decoupled (AdamW) or L2 (SGD); matrices only.")
+    betas: tuple[float, float] = Field(default=(0.9, 0.95), description="AdamW only.")
+    eps: float = Field(default=1e-8, gt=0, description="AdamW only.")
+    momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD only.")
+    nesterov: bool = Field(default=False, description="SGD only.")
+    grad_clip: float | None = Field(
+        default=1.0, gt=0, description="Clip the global gradient norm to this; null: off."
+    )
+    schedule: ScheduleSpec = ScheduleSpec()
+
+
+class TrainSpec(_Spec):
+    """Steps, batch sizes, logging and evaluation cadence, precision and device."""
+
+    max_steps: int = Field(default=100, ge=1, description="Optimizer steps to run.")
+    micro_batch_size: int = Field(
+        default=16, ge=1, description="Samples per worker per micro-step."
+    )
+    grad_accum: int = Field(default=1, ge=1, description="Micro-steps per optimizer step.")
+    log_every: int = Field(default=10, ge=1, description="Log train metrics every N steps.")
+    eval_every: int = Field(default=0, ge=0, description="Evaluate every N steps (0: at end only).")
+    eval_batches: int = Field(default=4, ge=1, description="Micro-batches per evaluation.")
+    precision: Literal["fp32", "bf16"] = Field(
+        default="fp32", description="bf16: autocast matmuls to bfloat16, fp32 master weights."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="auto: cuda when the worker has a GPU, else cpu."
+    )
+
+
+class ResourcesSpec(_Spec):
+    """How many workers, and what each one reserves."""
+
+    workers: int = Field(default=1, ge=1, description="Training processes (ranks).")
+    gpus_per_worker: float = Field(default=0, ge=0, description="GPUs per worker (0: CPU).")
+    cpus_per_worker: float = Field(default=1, gt=0, description="CPUs Ray reserves per worker.")
+
+
+class TrackingSpec(_Spec):
+    """Where and how the job is recorded in MLflow (one run per job, rank 0 logs)."""
+
+    enabled: bool = Field(default=True, description="false: no MLflow run at all.")
+    uri: str | None = Field(
+        default=None,
+        description="MLflow tracking URI; else $MLFLOW_TRACKING_URI; else sqlite:///mlflow.db here.",
+    )
+    experiment: str = Field(default="temper", min_length=1, description="MLflow experiment name.")
+    tags: dict[str, str] = Field(default_factory=dict, description="Extra tags on the run.")
+    flush_every_s: float = Field(default=2.0, gt=0, description="Max seconds between batches.")
+    max_buffered: int = Field(default=100_000, ge=100, description="Metrics held in memory.")
+
+
+class JobSpec(_Spec):
+    """A training job: what to train, on what, how, where, and where it is recorded."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
+    seed: int = Field(default=0, ge=0)
+    model: ModelSpec
+    objective: ObjectiveSpec | None = Field(
+        default=None, description="Defaults to the model's natural objective (gpt: causal_lm)."
+    )
+    data: DataSpec = SyntheticDataSpec()
+    strategy: StrategySpec = DDPSpec()
+    optim: OptimSpec = OptimSpec()
+    train: TrainSpec = TrainSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    tracking: TrackingSpec = TrackingSpec()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_kinds(cls, data: Any) -> Any:
+        """Fill `kind` where it can only mean one thing: the default strategy/data kind, and
+        the model's natural objective."""
+        if not isinstance(data, dict):
+            return data
+        for section, default in (("data", "synthetic"), ("strategy", "ddp")):
+            value = data.get(section)
+            if isinstance(value, dict) and "kind" not in value:
+                data = {**data, section: {"kind": default, **value}}
+        objective = data.get("objective")
+        if objective is None or (isinstance(objective, dict) and "kind" not in objective):
+            model = data.get("model")
+            kind = model.get("kind") if isinstance(model, dict) else getattr(model, "kind", None)
+            if kind in OBJECTIVES_FOR_MODEL:
+                data = {**data, "objective": {"kind": OBJECTIVES_FOR_MODEL[kind][0], **(objective or {})}}
+        return data
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> JobSpec:
+        allowed = OBJECTIVES_FOR_MODEL[self.model.kind]
+        if self.objective is not None and self.objective.kind not in allowed:
+            raise ValueError(
+                f"objective.kind '{self.objective.kind}' cannot train model.kind "
+                f"'{self.model.kind}'; accepted: {', '.join(allowed)}"
+            )
+        if self.train.device == "cuda" and self.resources.gpus_per_worker == 0:
+            raise ValueError(
+                "train.device is 'cuda' but resources.gpus_per_worker is 0; "
+                "set resources.gpus_per_worker>=1 or train.device=cpu"
+            )
+        if self.train.device == "cpu" and self.resources.gpus_per_worker > 0:
+            raise ValueError(
+                "train.device is 'cpu' but resources.gpus_per_worker > 0 reserves GPUs it "
+                "will not use; set resources.gpus_per_worker=0 or train.device=auto"
+            )
+        return self
+
+    @property
+    def global_batch_size(self) -> int:
+        """Samples per optimizer step across all workers."""
+        return self.train.micro_batch_size * self.train.grad_accum * self.resources.workers

@@ -1,0 +1,21 @@
+"""Parallelism strategies behind one interface; `build_strategy` picks by `strategy.kind`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from temper.runtime.context import DistContext
+from temper.spec.models import JobSpec
+from temper.strategies.base import Strategy
+from temper.strategies.ddp import DDPStrategy
+
+STRATEGY_BUILDERS: dict[str, Callable[..., Strategy]] = {
+    "ddp": DDPStrategy,
+}
+
+
+def build_strategy(spec: JobSpec, *, ctx: DistContext) -> Strategy:
+    return STRATEGY_BUILDERS[spec.strategy.kind](spec.strategy, ctx=ctx)
+
+
+__all__ = ["STRATEGY_BUILDERS", "Strategy", "build_strategy"]

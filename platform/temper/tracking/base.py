@@ -1,0 +1,57 @@
+"""The tracker interface the training loop logs through.
+
+The loop calls `log_metrics` every `train.log_every` steps on rank 0; it must never wait
+on the network or the disk. Implementations buffer and deliver in the background, and
+report what they could not deliver when they are closed.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from types import TracebackType
+
+
+class Tracker(ABC):
+    """Where a worker's metrics go. Only rank 0 gets a real one; the others get NoopTracker."""
+
+    @abstractmethod
+    def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
+        """Record metric values for `step`. Returns at once; never blocks on I/O, never raises
+        because the tracking backend is down. Pass Python floats: converting a CUDA tensor
+        here would synchronize the device."""
+
+    @abstractmethod
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Set run tags (delivered with the next batch; non-blocking like `log_metrics`)."""
+
+    @abstractmethod
+    def close(self, *, timeout_s: float = 30.0) -> None:
+        """Deliver what is pending within `timeout_s` seconds and release resources.
+
+        Idempotent. What could not be delivered is reported as a warning, not raised.
+        """
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class NoopTracker(Tracker):
+    """Discards everything: ranks other than 0, and jobs with tracking.enabled=false."""
+
+    def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
+        return None
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        return None
+
+    def close(self, *, timeout_s: float = 30.0) -> None:
+        return None

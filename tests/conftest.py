@@ -1,0 +1,13 @@
+"""Shared fixtures. Real parts are started by the tests themselves, once per session:
+an MLflow server (tests/fixtures/mlflow_server.py) and a Ray head (tests/fixtures/ray_cluster.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+pytest_plugins = ["tests.fixtures.mlflow_server", "tests.fixtures.ray_cluster"]
+
+# Keep test runs quiet and offline.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

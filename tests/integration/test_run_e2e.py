@@ -1,0 +1,159 @@
+"""`temper run` end to end through the real CLI: Ray (shared head), torchrun, in-process.
+
+Each run logs into the session's real MLflow server; the tests read the run back from it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TEMPER = str(Path(sys.executable).parent / "temper")
+TINY_GPT = str(ROOT / "jobs" / "ci" / "tiny-gpt.yaml")
+TINY_RESNET = str(ROOT / "jobs" / "ci" / "tiny-resnet.yaml")
+
+
+def temper(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None):
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("RAY_ADDRESS", None)
+    return subprocess.run([TEMPER, *args], cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def run_id_of(output: str) -> str:
+    for line in output.splitlines():
+        if line.startswith("MLflow run "):
+            return line.split()[2]
+    raise AssertionError(f"no MLflow run id in output:\n{output}")
+
+
+def loss_curve(client, run_id: str) -> list[tuple[int, float]]:
+    history = client.get_metric_history(run_id, "train/loss")
+    return sorted((m.step, m.value) for m in history)
+
+
+@pytest.fixture(scope="module")
+def client(mlflow_server):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=mlflow_server.uri)
+
+
+@pytest.mark.ray
+def test_ray_two_worker_ddp_end_to_end(tmp_path, mlflow_server, ray_address, client) -> None:
+    proc = temper("run", TINY_GPT, "--address", ray_address, "--set", f"tracking.uri={mlflow_server.uri}",
+                  "--set", "tracking.experiment=e2e-ray", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = client.get_run(run_id_of(proc.stderr))
+    assert run.info.status == "FINISHED"
+    assert run.data.params["resources.workers"] == "2"
+    assert run.data.params["optim.lr"] == "0.01"
+    assert run.data.tags["temper.launcher"] == "ray"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "spec.yaml" in artifacts
+    curve = loss_curve(client, run.info.run_id)
+    assert [s for s, _ in curve] == list(range(1, 21))
+    first, last = curve[0][1], curve[-1][1]
+    assert last < 0.8 * first, curve
+    for key in ("perf/samples_per_s", "perf/tokens_per_s", "perf/step_time_s", "train/lr",
+                "train/grad_norm", "val/loss"):
+        assert key in run.data.metrics, key
+
+
+@pytest.mark.ray
+def test_launchers_give_the_same_loss_trajectory(tmp_path, mlflow_server, ray_address, client) -> None:
+    """Same seed, same world size: Ray, torchrun and in-process train identically."""
+    common = ["--set", f"tracking.uri={mlflow_server.uri}", "--set", "tracking.experiment=e2e-same",
+              "--set", "train.max_steps=8", "--set", "train.eval_every=0"]
+    curves = {}
+    for name, extra in {
+        "ray-2": ["--address", ray_address],
+        "torchrun-2": ["--launcher", "torchrun"],
+        "ray-1": ["--address", ray_address, "--set", "resources.workers=1"],
+        "torchrun-1": ["--launcher", "torchrun", "--set", "resources.workers=1"],
+        "inprocess-1": ["--launcher", "inprocess", "--set", "resources.workers=1"],
+    }.items():
+        proc = temper("run", TINY_GPT, *common, *extra, cwd=tmp_path)
+        assert proc.returncode == 0, f"{name}: {proc.stderr[-4000:]}"
+        curves[name] = loss_curve(client, run_id_of(proc.stderr))
+    # Same arithmetic in the same order on every launcher: equal to float32 rounding.
+    for a, b in [("ray-2", "torchrun-2"), ("ray-1", "torchrun-1"), ("ray-1", "inprocess-1")]:
+        assert [s for s, _ in curves[a]] == [s for s, _ in curves[b]] == list(range(1, 9))
+        for (_, x), (_, y) in zip(curves[a], curves[b], strict=True):
+            assert y == pytest.approx(x, rel=1e-5), (a, b, curves[a], curves[b])
+    # Different world sizes see the same global batches, so the curves also agree closely.
+    for (_, x), (_, y) in zip(curves["ray-2"], curves["ray-1"], strict=True):
+        assert y == pytest.approx(x, rel=1e-3)
+
+
+def test_torchrun_resnet_classification(tmp_path, mlflow_server, client) -> None:
+    proc = temper("run", TINY_RESNET, "--launcher", "torchrun", "--set", f"tracking.uri={mlflow_server.uri}",
+                  cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = client.get_run(run_id_of(proc.stderr))
+    assert run.info.status == "FINISHED"
+    assert "val/acc" in run.data.metrics and "train/acc" in run.data.metrics
+
+
+def test_default_local_store_in_working_directory(tmp_path) -> None:
+    env = {"MLFLOW_TRACKING_URI": ""}
+    proc = temper("run", TINY_GPT, "--launcher", "inprocess", "--set", "resources.workers=1",
+                  "--set", "train.max_steps=3", cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (tmp_path / "mlflow.db").exists()
+    assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db" in proc.stderr
+    from mlflow import MlflowClient
+
+    store = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    run = store.get_run(run_id_of(proc.stderr))
+    assert run.info.status == "FINISHED"
+    assert len(loss_curve(store, run.info.run_id)) == 3
+
+
+def test_worker_failure_marks_run_failed(tmp_path, mlflow_server, client) -> None:
+    """A diverging run stops with the cause; the MLflow run is FAILED with that message."""
+    proc = temper("run", TINY_GPT, "--launcher", "torchrun", "--set", f"tracking.uri={mlflow_server.uri}",
+                  "--set", "optim.lr=1e12", "--set", "optim.grad_clip=null", "--set", "train.max_steps=40",
+                  cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    assert "FloatingPointError: train/loss is" in proc.stderr
+    run = client.get_run(run_id_of(proc.stderr))
+    assert run.info.status == "FAILED"
+    assert "train/loss is" in run.data.tags["temper.error"]
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "ray"])
+def test_ctrl_c_kills_workers_and_marks_run_killed(tmp_path, mlflow_server, ray_address, client, launcher) -> None:
+    args = [TEMPER, "run", TINY_GPT, "--set", f"tracking.uri={mlflow_server.uri}",
+            "--set", "train.max_steps=100000", "--set", "train.log_every=5"]
+    args += ["--address", ray_address] if launcher == "ray" else ["--launcher", "torchrun"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    output = []
+    deadline = time.monotonic() + 240
+    for line in proc.stderr:  # wait until training is really under way
+        output.append(line)
+        if "step 10/" in line or time.monotonic() > deadline:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=120)
+    text = "".join(output) + rest
+    assert proc.returncode == 130, text[-4000:]
+    run = client.get_run(run_id_of(text))
+    assert run.info.status == "KILLED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert steps and max(steps) < 100000
+
+
+def test_python_stdlib_platform_module_is_not_shadowed() -> None:
+    code = "import platform, temper; print(platform.python_version())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ".".join(map(str, sys.version_info[:3]))
