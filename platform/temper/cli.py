@@ -21,6 +21,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+from temper.cli_data import data_app  # noqa: E402 - sub-app registered right after `app`
+
+app.add_typer(data_app, name="data")
+
 JobArg = Annotated[Path, typer.Argument(help="The job spec YAML file.", show_default=False)]
 SetOpt = Annotated[
     list[str] | None,
@@ -94,7 +98,8 @@ def schema(
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: maps errors to exit codes (2 = user error)."""
     try:
-        app(args=argv, standalone_mode=False)
+        # Non-standalone typer returns exit codes instead of exiting (Ctrl-C becomes 130).
+        code = app(args=argv, standalone_mode=False)
     except TemperError as e:
         for line in e.problems:
             console.print(f"[red]error:[/red] {escape(line)}", soft_wrap=True)
@@ -107,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     except typer.TyperException as e:  # usage errors (typer vendors click's exceptions)
         e.show()
         return getattr(e, "exit_code", 2)
-    return 0
+    if code == 130:
+        console.print("[yellow]interrupted[/yellow]")
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

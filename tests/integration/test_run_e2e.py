@@ -72,13 +72,15 @@ def test_launchers_give_the_same_loss_trajectory(tmp_path, mlflow_server, ray_ad
     """Same seed, same world size: Ray, torchrun and in-process train identically."""
     common = ["--set", f"tracking.uri={mlflow_server.uri}", "--set", "tracking.experiment=e2e-same",
               "--set", "train.max_steps=8", "--set", "train.eval_every=0"]
+    one_worker = ["--set", "resources.workers=1", "--set", "train.micro_batch_size=16"]
     curves = {}
     for name, extra in {
         "ray-2": ["--address", ray_address],
         "torchrun-2": ["--launcher", "torchrun"],
-        "ray-1": ["--address", ray_address, "--set", "resources.workers=1"],
-        "torchrun-1": ["--launcher", "torchrun", "--set", "resources.workers=1"],
-        "inprocess-1": ["--launcher", "inprocess", "--set", "resources.workers=1"],
+        # One worker with twice the micro-batch: the same global batches as two workers.
+        "ray-1": ["--address", ray_address, *one_worker],
+        "torchrun-1": ["--launcher", "torchrun", *one_worker],
+        "inprocess-1": ["--launcher", "inprocess", *one_worker],
     }.items():
         proc = temper("run", TINY_GPT, *common, *extra, cwd=tmp_path)
         assert proc.returncode == 0, f"{name}: {proc.stderr[-4000:]}"
@@ -88,9 +90,10 @@ def test_launchers_give_the_same_loss_trajectory(tmp_path, mlflow_server, ray_ad
         assert [s for s, _ in curves[a]] == [s for s, _ in curves[b]] == list(range(1, 9))
         for (_, x), (_, y) in zip(curves[a], curves[b], strict=True):
             assert y == pytest.approx(x, rel=1e-5), (a, b, curves[a], curves[b])
-    # Different world sizes see the same global batches, so the curves also agree closely.
+    # 2 workers x 8 and 1 worker x 16 train on the same global batches: the same curve up to
+    # the order of float32 reductions.
     for (_, x), (_, y) in zip(curves["ray-2"], curves["ray-1"], strict=True):
-        assert y == pytest.approx(x, rel=1e-3)
+        assert y == pytest.approx(x, rel=1e-5)
 
 
 def test_torchrun_resnet_classification(tmp_path, mlflow_server, client) -> None:
@@ -149,8 +152,10 @@ def test_ctrl_c_kills_workers_and_marks_run_killed(tmp_path, mlflow_server, ray_
     assert proc.returncode == 130, text[-4000:]
     run = client.get_run(run_id_of(text))
     assert run.info.status == "KILLED"
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
-    assert steps and max(steps) < 100000
+    # The workers stopped at a logging step and flushed: every logged step is in MLflow.
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
+    assert steps and steps == list(range(5, steps[-1] + 1, 5)) and steps[-1] < 100000
+    assert "stopping the workers at their next logging step" in text
 
 
 def test_python_stdlib_platform_module_is_not_shadowed() -> None:

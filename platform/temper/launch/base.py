@@ -9,6 +9,10 @@ from typing import Any
 
 from temper.spec.models import JobSpec
 
+#: Seconds the workers get to stop at their next logging step after Ctrl-C, flushing their
+#: metrics, before the launcher kills them.
+STOP_GRACE_S = 60.0
+
 
 @dataclass(frozen=True)
 class Job:

@@ -8,12 +8,15 @@ drawn where the user's terminal is, whichever node the workers run on.
 from __future__ import annotations
 
 import os
+import signal
 import threading
+import time
+from pathlib import Path
 from typing import Any
 
-from temper.console import ProgressDisplay
+from temper.console import ProgressDisplay, console
 from temper.errors import JobFailedError, TemperError
-from temper.launch.base import Job, Launcher, LaunchResult
+from temper.launch.base import STOP_GRACE_S, Job, Launcher, LaunchResult
 
 # Environment forwarded to the workers when set on the driver.
 FORWARDED_ENV = (
@@ -29,9 +32,16 @@ def _progress_sink_class():
     class ProgressSink:
         def __init__(self) -> None:
             self.events: list[dict] = []
+            self.stop = False
 
         def push(self, event: dict) -> None:
             self.events.append(event)
+
+        def request_stop(self) -> None:
+            self.stop = True
+
+        def stop_requested(self) -> bool:
+            return self.stop
 
         def drain(self) -> list[dict]:
             events, self.events = self.events, []
@@ -45,6 +55,8 @@ class RayLauncher(Launcher):
 
     def __init__(self, *, address: str | None = None) -> None:
         self.address = address or os.environ.get("RAY_ADDRESS") or None
+        if self.address:
+            _use_token_auth_if_available()  # before any `import ray`: Ray reads it at import
         self._started_ray = False
         self._stop = threading.Event()
 
@@ -114,7 +126,9 @@ class RayLauncher(Launcher):
         pump = threading.Thread(target=self._pump, args=(sink,), daemon=True)
         pump.start()
         try:
-            self._trainer(job, sink).fit()
+            self._fit(self._trainer(job, sink), sink)
+        except KeyboardInterrupt:
+            raise
         except Exception as e:  # Ray wraps worker errors; surface the root cause
             raise JobFailedError(_ray_root_cause(e)) from e
         finally:
@@ -123,6 +137,48 @@ class RayLauncher(Launcher):
             self._consume(ray.get(sink.drain.remote()))
             self._display.close()
         return self._result
+
+    @staticmethod
+    def _fit(trainer: Any, sink: Any) -> None:
+        """Run fit() off the main thread, owning Ctrl-C while it runs.
+
+        Ray Train installs its own SIGINT handler when fit() runs on the main thread (it
+        aborts the run and exits 1), so fit() runs in a thread and we handle SIGINT: the
+        first Ctrl-C asks rank 0, through the sink, to stop at the next logging step, so
+        every metric is flushed; a second Ctrl-C or STOP_GRACE_S later we raise
+        KeyboardInterrupt and the driver's `stop()` shuts Ray down, killing what is left.
+        """
+        outcome: dict[str, BaseException] = {}
+        deadline: list[float] = []
+
+        def target() -> None:
+            try:
+                trainer.fit()
+            except BaseException as e:  # handed to the main thread below
+                outcome["error"] = e
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            if deadline:
+                raise KeyboardInterrupt
+            deadline.append(time.monotonic() + STOP_GRACE_S)
+            sink.request_stop.remote()
+            console.print(f"stopping the workers at their next logging step (up to "
+                          f"{STOP_GRACE_S:.0f} s; Ctrl-C again to kill them now)...")
+
+        thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            thread.start()
+            while thread.is_alive():
+                thread.join(0.5)
+                if deadline and time.monotonic() > deadline[0]:
+                    raise KeyboardInterrupt
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if deadline:
+            raise KeyboardInterrupt  # stopped gracefully, but the user asked to stop
+        if "error" in outcome:
+            raise outcome["error"]
 
     def _consume(self, events: list[dict]) -> None:
         """Show rank 0's events and fold them into the result (steps, last metrics, curve)."""
@@ -155,6 +211,22 @@ class RayLauncher(Launcher):
             import ray
 
             ray.shutdown()
+
+
+def _use_token_auth_if_available() -> None:
+    """Join with token auth when a Ray token is at hand, as `ray start` itself decides.
+
+    Ray 2.5x+ enables token authentication on clusters started where a token exists
+    (~/.ray/auth_token, $RAY_AUTH_TOKEN or $RAY_AUTH_TOKEN_PATH), but a driver joining with
+    `address=` does not apply that rule and is refused. A token-mode client still joins a
+    cluster without authentication, so this is safe either way. An explicit
+    $RAY_AUTH_MODE is always respected.
+    """
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file():
+        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def _ray_root_cause(error: Exception) -> str:

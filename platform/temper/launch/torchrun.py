@@ -15,8 +15,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from temper.console import console
 from temper.errors import JobFailedError
-from temper.launch.base import Job, Launcher, LaunchResult
+from temper.launch.base import STOP_GRACE_S, Job, Launcher, LaunchResult
+from temper.runtime.report import STOP_FILE_ENV
 
 
 class TorchrunLauncher(Launcher):
@@ -38,12 +40,19 @@ class TorchrunLauncher(Launcher):
             tmpdir = Path(tmp)
             job_file, result_file = tmpdir / "job.json", tmpdir / "result.json"
             job_file.write_text(json.dumps(job.payload()))
-            env = {**os.environ, "TEMPER_ERROR_DIR": str(tmpdir), "OMP_NUM_THREADS": "1"}
+            env = {**os.environ, "TEMPER_ERROR_DIR": str(tmpdir), "OMP_NUM_THREADS": "1",
+                   STOP_FILE_ENV: str(tmpdir / "stop")}
+            # A session of its own: the terminal's Ctrl-C reaches the driver only, which
+            # then stops the workers gracefully (they flush their metrics) via the stop file.
             self._proc = subprocess.Popen(
                 self.command(job, job_file=job_file, result_file=result_file),
                 env=env, cwd=job.workdir, start_new_session=True,
             )
-            code = self._proc.wait()
+            try:
+                code = self._proc.wait()
+            except KeyboardInterrupt:
+                self._graceful_stop(tmpdir / "stop")
+                raise
             if code != 0:
                 raise JobFailedError(_root_cause(tmpdir, code))
             data = json.loads(result_file.read_text())
@@ -51,6 +60,14 @@ class TorchrunLauncher(Launcher):
             steps=data["steps"], metrics=data["metrics"],
             loss_history=[tuple(x) for x in data["loss_history"]],
         )
+
+    def _graceful_stop(self, stop_file: Path) -> None:
+        stop_file.touch()
+        console.print(f"stopping the workers at their next logging step (up to {STOP_GRACE_S:.0f} s)...")
+        try:
+            self._proc.wait(timeout=STOP_GRACE_S)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            self.stop()  # a second Ctrl-C, or too slow: kill them now
 
     def stop(self) -> None:
         proc = self._proc

@@ -57,7 +57,8 @@ def run_worker(spec_json: str, run_info: dict | None, *, reporter: Reporter | No
 
 
 class _RayReporter(Reporter):
-    """Sends rank 0's progress events to the driver's ProgressSink actor."""
+    """Sends rank 0's progress events to the driver's ProgressSink actor, and asks it
+    whether the user pressed Ctrl-C."""
 
     def __init__(self, sink: Any, *, is_main: bool) -> None:
         super().__init__(None)
@@ -66,6 +67,16 @@ class _RayReporter(Reporter):
     def progress(self, event: dict[str, Any]) -> None:
         if self.sink is not None:
             self.sink.push.remote(event)  # fire and forget: never waits on the driver
+
+    def should_stop(self) -> bool:
+        if self.sink is None:
+            return False
+        import ray
+
+        try:
+            return bool(ray.get(self.sink.stop_requested.remote(), timeout=10))
+        except Exception:  # the driver is gone or slow: keep training, Ray ends us if needed
+            return False
 
 
 def ray_train_loop(config: dict[str, Any]) -> None:

@@ -42,6 +42,7 @@ class TrainResult:
     steps: int
     metrics: dict[str, float] = field(default_factory=dict)
     loss_history: list[tuple[int, float]] = field(default_factory=list)
+    stopped: bool = False  # the driver asked to stop (Ctrl-C) before max_steps
 
 
 @dataclass
@@ -114,7 +115,8 @@ def _run_steps(*, spec, ctx, strategy, objective, scheduler, data, tracker, perf
         perf.tick(samples=samples, tokens=tokens)
         last = step == t.max_steps
         if step % t.log_every == 0 or last:
-            metrics = _close_window(window, ctx=ctx, perf=perf)
+            stop = ctx.is_main and not last and reporter.should_stop()
+            metrics, result.stopped = _close_window(window, ctx=ctx, perf=perf, stop=stop)
             metrics["train/lr"] = lr
             _check_finite(metrics["train/loss"], step=step)
             result.loss_history.append((step, metrics["train/loss"]))
@@ -122,12 +124,15 @@ def _run_steps(*, spec, ctx, strategy, objective, scheduler, data, tracker, perf
             tracker.log_metrics(metrics, step=step)
             reporter.progress({"step": step, "max_steps": t.max_steps, **metrics})
             window = _Window.empty(ctx.device)
+        result.steps = step
+        if result.stopped:  # every rank saw the flag in the same all-reduce: stop together
+            log.warning("stopping at step %d: the driver asked to stop", step)
+            return
         if data.has_eval and ((t.eval_every and step % t.eval_every == 0) or last):
             metrics = evaluate(strategy=strategy, objective=objective, data=data, ctx=ctx, autocast=autocast)
             result.metrics.update(metrics)
             tracker.log_metrics(metrics, step=step)
             reporter.progress({"step": step, "max_steps": t.max_steps, **metrics})
-        result.steps = step
 
 
 def _train_step(*, strategy: Strategy, objective: Objective, batches: Iterator, ctx: DistContext,
@@ -153,14 +158,18 @@ def _train_step(*, strategy: Strategy, objective: Objective, batches: Iterator, 
     return samples, tokens
 
 
-def _close_window(window: _Window, *, ctx: DistContext, perf: PerfMeter) -> dict[str, float]:
-    """Average the window over its steps and over ranks (one all-reduce), add perf rates."""
+def _close_window(window: _Window, *, ctx: DistContext, perf: PerfMeter,
+                  stop: bool) -> tuple[dict[str, float], bool]:
+    """Average the window over its steps and over ranks, add perf rates, and share rank 0's
+    stop request, all in one all-reduce."""
     keys = ["train/loss", "train/grad_norm", *sorted(window.metrics)]
-    local = torch.stack([window.loss.float(), window.grad_norm, *(window.metrics[k] for k in keys[2:])])
-    mean = ctx.all_reduce_mean(local / max(window.steps, 1)).tolist()
-    metrics = dict(zip(keys, mean, strict=True))
+    values = [window.loss.float(), window.grad_norm, *(window.metrics[k] for k in keys[2:])]
+    local = torch.stack(values) / max(window.steps, 1)
+    flag = torch.tensor([float(stop)], device=local.device)
+    mean = ctx.all_reduce_mean(torch.cat([local, flag])).tolist()
+    metrics = dict(zip(keys, mean[:-1], strict=True))
     metrics.update(perf.window())
-    return metrics
+    return metrics, mean[-1] > 0
 
 
 @torch.no_grad()

@@ -1,24 +1,34 @@
 """Reporter: how a worker hands progress to whoever shows it.
 
 The loop calls `progress(event)` at logging and eval steps (events carry `step`,
-`max_steps` and the logged metrics). The base class shows them in this process's console
-(rank 0 only); the Ray entry subclasses it to forward rank 0's events to the driver.
+`max_steps` and the logged metrics) and `should_stop()` at logging steps. The base class
+shows events in this process's console (rank 0 only) and reads a stop file; the Ray entry
+subclasses it to talk to the driver's ProgressSink actor instead.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from temper.console import ProgressDisplay
+
+#: The torchrun driver creates this file to ask the workers to stop (Ctrl-C).
+STOP_FILE_ENV = "TEMPER_STOP_FILE"
 
 
 class Reporter:
     def __init__(self, display: ProgressDisplay | None = None) -> None:
         self.display = display
+        self.stop_file = os.environ.get(STOP_FILE_ENV)
 
     def progress(self, event: dict[str, Any]) -> None:
         if self.display is not None:
             self.display.update(event)
+
+    def should_stop(self) -> bool:
+        """Has the driver asked the job to stop? Asked on rank 0 at logging steps only."""
+        return bool(self.stop_file) and os.path.exists(self.stop_file)
 
     def close(self) -> None:
         if self.display is not None:
