@@ -6,8 +6,21 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 pytest_plugins = ["tests.fixtures.mlflow_server", "tests.fixtures.ray_cluster"]
 
 # Keep test runs quiet and offline.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models run fastest on one thread, and stay fast on a busy 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -99,3 +99,13 @@ def test_grad_accum_equals_larger_micro_batch() -> None:
 def test_two_rank_resnet_trains_and_replicas_agree() -> None:
     two = run_ranks(_train, 2, _spec_json("tiny-resnet", resources__workers=2))
     assert two[0] == two[1] and len(two[0]) == 10
+
+
+def test_bf16_autocast_trains_close_to_fp32() -> None:
+    """bf16 autocast really changes the arithmetic, and still tracks the fp32 curve."""
+    fp32 = run_ranks(_train, 1, _spec_json(resources__workers=1))[0]
+    bf16 = run_ranks(_train, 1, _spec_json(resources__workers=1, train__precision="bf16"))[0]
+    assert [s for s, _ in bf16] == [s for s, _ in fp32]
+    assert any(a != b for (_, a), (_, b) in zip(fp32, bf16, strict=True))  # autocast is on
+    for (_, a), (_, b) in zip(fp32, bf16, strict=True):
+        assert b == pytest.approx(a, rel=0.05)  # bf16 keeps ~3 significant digits

@@ -14,14 +14,7 @@ from temper.models.gpt import GPT
 from temper.models.resnet import Bottleneck, ResNet, forward_macs
 from temper.spec import GPTSpec, ResNetSpec
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and stay fast on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 TINY_GPT = GPTSpec(vocab_size=50, seq_len=16, n_layer=2, n_head=2, d_model=16, mlp_ratio=2.0)

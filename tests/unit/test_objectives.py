@@ -19,14 +19,7 @@ from temper.objectives import (
 )
 from temper.spec import CausalLMSpec, ClassifySpec
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and stay fast on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class _RecordingLM(nn.Module):
