@@ -97,7 +97,7 @@ class RayLauncher(Launcher):
             )
 
     def _trainer(self, job: Job, sink: Any):
-        from ray.train import RunConfig, ScalingConfig
+        from ray.train import LoggingConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
         from temper.runtime.entry import ray_train_loop
@@ -112,8 +112,12 @@ class RayLauncher(Launcher):
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=r.workers, use_gpu=use_gpu,
                                          resources_per_worker=resources),
-            run_config=RunConfig(name=f"{job.spec.name}-{(job.run_info or {}).get('run_id', 'norun')[:8]}",
-                                 storage_path=storage),
+            run_config=RunConfig(
+                name=f"{job.spec.name}-{(job.run_info or {}).get('run_id', 'norun')[:8]}",
+                storage_path=storage,
+                # Ray Train's own INFO lines (worker group start etc.) only when asked for.
+                logging_config=LoggingConfig(log_level=os.environ.get("TEMPER_LOG_LEVEL", "WARNING").upper()),
+            ),
         )
 
     def launch(self, job: Job) -> LaunchResult:
