@@ -205,12 +205,11 @@ class RayLauncher(Launcher):
 
     def stop(self) -> None:
         self._stop.set()
-        if self._started_ray:
-            import ray
-
-            ray.shutdown()  # kills the worker actors of a local Ray; detaches from a remote one
+        self.close()
 
     def close(self) -> None:
+        """Shut down our Ray connection: kills the job's worker actors on a local Ray, and
+        detaches from a remote cluster (its actors owned by this driver end with it)."""
         if self._started_ray:
             import ray
 
