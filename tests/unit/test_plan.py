@@ -23,6 +23,7 @@ shard_lists = st.lists(
     st.one_of(st.integers(0, 3), st.integers(0, 40)), min_size=1, max_size=9
 )
 layouts = st.tuples(st.integers(1, 8), st.integers(0, 4), st.integers(1, 16))
+windows = st.sampled_from([0, 0, 1, 3, 8, 50])
 policies = st.sampled_from(["drop", "pad"])
 
 
@@ -49,7 +50,7 @@ def check_balanced(p, sizes, world, workers, batch):
         assert sum(counts) == p.batches_per_rank
         assert max(counts) - min(counts) <= 1
         assert all(w.num_samples % batch == 0 for w in p.for_rank(r))
-        assert all(w.num_samples == sum(len(s) for s in w.slices) for w in p.for_rank(r))
+        assert all(w.num_samples == sum(len(s) for s in w.slices) - w.skip for w in p.for_rank(r))
         ids = p.sample_ids(r)
         assert len(ids) == p.batches_per_rank * batch
         assert all(0 <= off < sizes[sh] for sh, off in ids)
@@ -99,36 +100,59 @@ def test_ranks_read_contiguous_runs_of_shards():
 
 
 @SETTINGS
-@given(sizes=shard_lists, layout=layouts, policy=policies, data=st.data())
-def test_resume_reads_exactly_the_rest(sizes, layout, policy, data):
+@given(sizes=shard_lists, layout=layouts, policy=policies, window=windows, data=st.data())
+def test_resume_reads_exactly_the_rest(sizes, layout, policy, window, data):
     world, workers, batch = layout
     assume(sum(sizes) >= world * batch)
-    full = plan(sizes, world=world, workers=workers, batch=batch, policy=policy)
+    full = plan(sizes, world=world, workers=workers, batch=batch, policy=policy, shuffle_window=window)
     k = data.draw(st.integers(0, full.batches_per_rank)) * batch
-    rest = plan(sizes, world=world, workers=workers, batch=batch, policy=policy, start_sample=k)
+    rest = plan(sizes, world=world, workers=workers, batch=batch, policy=policy, start_sample=k,
+                shuffle_window=window)
     check_balanced(rest, sizes, world, workers, batch)
     assert rest.batches_per_rank == full.batches_per_rank - k // batch
     for r in range(world):
         assert rest.sample_ids(r) == full.sample_ids(r)[k:]
     assert resume_arguments(
-        full.segments(k), world_size=world, num_workers=workers, batch_size=batch
+        full.segments(k), world_size=world, num_workers=workers, batch_size=batch,
+        shuffle_window=window,
     ) == ((), k)
 
 
 @SETTINGS
-@given(sizes=shard_lists, old=layouts, new=layouts, policy=policies, data=st.data())
-def test_layout_change_neither_repeats_nor_skips(sizes, old, new, policy, data):
+@given(sizes=shard_lists, layout=layouts, policy=policies, window=st.sampled_from([1, 3, 8, 50]))
+def test_shuffle_window_permutes_within_windows_only(sizes, layout, policy, window):
+    world, workers, batch = layout
+    assume(sum(sizes) >= world * batch)
+    flat = plan(sizes, world=world, workers=workers, batch=batch, policy=policy)
+    mixed = plan(sizes, world=world, workers=workers, batch=batch, policy=policy, shuffle_window=window)
+    check_balanced(mixed, sizes, world, workers, batch)
+    for r in range(world):
+        for a, b in zip(flat.for_rank(r), mixed.for_rank(r), strict=True):
+            assert a.slices == b.slices  # the same reads, in the same (tar streaming) order
+            plain = list(a.deliver(range(a.num_samples)))
+            shuffled = list(b.deliver(range(b.num_samples)))
+            for i in range(0, len(plain), window):  # each window delivers exactly its own reads
+                assert sorted(shuffled[i : i + window]) == plain[i : i + window]
+    if window >= 8 and sum(sizes) >= 40 * world * max(1, workers):
+        assert reads(mixed) != reads(flat)
+
+
+@SETTINGS
+@given(sizes=shard_lists, old=layouts, new=layouts, policy=policies, window=windows, data=st.data())
+def test_layout_change_neither_repeats_nor_skips(sizes, old, new, policy, window, data):
     total = sum(sizes)
     assume(total >= old[0] * old[2] and total >= new[0] * new[2])
     assume((old[0], max(1, old[1]), old[2]) != (new[0], max(1, new[1]), new[2]))
-    first = plan(sizes, world=old[0], workers=old[1], batch=old[2], policy=policy)
+    first = plan(sizes, world=old[0], workers=old[1], batch=old[2], policy=policy, shuffle_window=window)
     k = data.draw(st.integers(0, first.batches_per_rank)) * old[2]
     consumed = [x for r in range(old[0]) for x in first.sample_ids(r)[:k]]
     history, start = resume_arguments(
-        first.segments(k), world_size=new[0], num_workers=new[1], batch_size=new[2]
+        first.segments(k), world_size=new[0], num_workers=new[1], batch_size=new[2],
+        shuffle_window=window,
     )
     assert start == 0 and history == (first.segments(k) if k else ())
-    second = plan(sizes, world=new[0], workers=new[1], batch=new[2], policy=policy, history=history)
+    second = plan(sizes, world=new[0], workers=new[1], batch=new[2], policy=policy, history=history,
+                  shuffle_window=window)
     check_balanced(second, sizes, *new)
     got = reads(second)
     if policy == "drop":

@@ -32,7 +32,9 @@ training loop sees the rank's samples.
 Resume (same layout). A rank that consumed `start_sample` samples of the epoch (a multiple
 of `batch_size`; the same number on every rank) gets the plan of exactly the samples it would
 have seen next, in the same order: the workers skip what they had delivered, and their order
-is rotated so that the round-robin continues with the worker that was next.
+is rotated so that the round-robin continues with the worker that was next. With a shuffle
+window, a worker re-reads its current window from the window's start and skips the part of
+its permutation it had delivered (`WorkerPlan.skip`).
 
 Resume with another layout: ONE rule. The layout is (world_size, workers, batch_size); the
 checkpointed position of an epoch is the list of `ReadSegment`s it ran under (usually one).
@@ -43,7 +45,9 @@ the start of the epoch's stream). So nothing consumed is read again (under "drop
 unread is skipped beyond the new split's own remainder (`dropped < world_size * batch_size`),
 and under "pad" every sample is still read at least once in the epoch. A plain
 "global position" cannot describe this: with contiguous rank chunks the consumed samples
-are `world_size` separate prefixes, not a prefix of the stream. `EpochPlan.segments(n)` gives
+are `world_size` separate prefixes, not a prefix of the stream (and, with a shuffle window,
+each worker's current window contributes the permuted subset it delivered, not a prefix).
+`EpochPlan.segments(n)` gives
 the position to checkpoint after n more samples per rank; `resume_arguments()` turns it into
 `history` and `start_sample` for the next `build_epoch_plan`.
 """
@@ -53,13 +57,15 @@ from __future__ import annotations
 import hashlib
 import random
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from itertools import islice
+from typing import Literal, TypeVar
 
 from temper.errors import TemperError
 
 Policy = Literal["drop", "pad"]
+T = TypeVar("T")
 _Ranges = list[tuple[int, int]]  # half-open position ranges of the epoch stream, in read order
 
 
@@ -77,12 +83,34 @@ class ShardSlice:
 
 @dataclass(frozen=True)
 class WorkerPlan:
-    """What one dataloader worker of one rank reads this epoch, in order."""
+    """What one dataloader worker of one rank reads this epoch, in order, and delivers.
+
+    The worker reads `slices` in order. Without a shuffle window it delivers them as read.
+    With `window` > 0 it cuts the reads into windows of `window` samples (the first one being
+    window number `first_window` of its epoch sequence), delivers each in the permutation
+    `window_order(len, *seed_parts, number)`, and drops the first `skip` deliveries of the
+    first window (delivered before a resume). `num_samples` counts deliveries.
+    """
 
     rank: int
     worker: int
     slices: tuple[ShardSlice, ...]
     num_samples: int
+    window: int = 0
+    first_window: int = 0
+    skip: int = 0
+    seed_parts: tuple = ()
+
+    def deliver(self, reads: Iterable[T]) -> Iterator[T]:
+        """`reads` (the items of `slices`, in read order) in delivery order."""
+        if not self.window:
+            yield from reads
+            return
+        it, number, skip = iter(reads), self.first_window, self.skip
+        while buf := list(islice(it, self.window)):
+            for k in window_order(len(buf), *self.seed_parts, number)[skip:]:
+                yield buf[k]
+            number, skip = number + 1, 0
 
 
 @dataclass(frozen=True)
@@ -93,6 +121,7 @@ class ReadSegment:
     num_workers: int  # effective: 0 (in-process) is stored as 1
     batch_size: int
     samples_per_rank: int
+    shuffle_window: int = 0
 
 
 @dataclass(frozen=True)
@@ -111,6 +140,7 @@ class EpochPlan:
     shards_per_worker_min: int  # non-empty shards // (world_size * workers); 0: workers share
     start_sample: int = 0
     history: tuple[ReadSegment, ...] = field(default=())
+    shuffle_window: int = 0
 
     def for_rank(self, rank: int) -> tuple[WorkerPlan, ...]:
         """The plans of `rank`'s workers, in worker order."""
@@ -128,14 +158,15 @@ class EpochPlan:
         b = self.batch_size
         batches = []
         for w in self.for_rank(rank):
-            ids = [(s.shard, i) for s in w.slices for i in range(s.start, s.stop)]
+            ids = list(w.deliver((s.shard, i) for s in w.slices for i in range(s.start, s.stop)))
             batches.append([ids[i : i + b] for i in range(0, len(ids), b)])
         rounds = max((len(x) for x in batches), default=0)
         return [i for k in range(rounds) for x in batches if k < len(x) for i in x[k]]
 
     def segments(self, consumed: int = 0) -> tuple[ReadSegment, ...]:
         """The epoch position to checkpoint once each rank consumed `consumed` samples of this plan."""
-        now = ReadSegment(self.world_size, self.num_workers, self.batch_size, self.start_sample + consumed)
+        now = ReadSegment(self.world_size, self.num_workers, self.batch_size,
+                          self.start_sample + consumed, self.shuffle_window)
         return (*self.history, now)
 
 
@@ -147,17 +178,27 @@ def shard_order(*, num_shards: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
+def window_order(length: int, *parts: object) -> list[int]:
+    """The seeded permutation of range(length) for one shuffle window named by `parts`."""
+    digest = hashlib.blake2b(repr(("window", *parts)).encode(), digest_size=8).digest()
+    order = list(range(length))
+    random.Random(int.from_bytes(digest, "little")).shuffle(order)
+    return order
+
+
 def resume_arguments(
     segments: Sequence[ReadSegment], *, world_size: int, num_workers: int, batch_size: int,
+    shuffle_window: int = 0,
 ) -> tuple[tuple[ReadSegment, ...], int]:
     """(history, start_sample) for `build_epoch_plan` from a checkpointed epoch position.
 
-    Same layout as the last segment: continue it (`start_sample` = its samples per rank).
-    Another layout: all segments become history and the new layout starts at 0.
+    Same layout (and shuffle window) as the last segment: continue it (`start_sample` = its
+    samples per rank). Another layout: all segments become history and the new layout starts at 0.
     """
     segs = tuple(s for s in segments if s.samples_per_rank > 0)
-    if segs and (segs[-1].world_size, segs[-1].num_workers, segs[-1].batch_size) == (
-        world_size, max(1, num_workers), batch_size,
+    last = segs[-1] if segs else None
+    if last and (last.world_size, last.num_workers, last.batch_size, last.shuffle_window) == (
+        world_size, max(1, num_workers), batch_size, shuffle_window,
     ):
         return segs[:-1], segs[-1].samples_per_rank
     return segs, 0
@@ -166,6 +207,7 @@ def resume_arguments(
 def build_epoch_plan(
     *, shard_sizes: Sequence[int], epoch: int, seed: int, world_size: int, num_workers: int,
     batch_size: int, policy: Policy, start_sample: int = 0, history: Sequence[ReadSegment] = (),
+    shuffle_window: int = 0,
 ) -> EpochPlan:
     """The plan of epoch `epoch` (see the module docstring), from `start_sample` samples per rank.
 
@@ -173,6 +215,8 @@ def build_epoch_plan(
     given by `EpochPlan.segments()` / `resume_arguments()`; empty for a fresh or same-layout run.
     """
     _check_args(shard_sizes, epoch, world_size, num_workers, batch_size, policy)
+    if shuffle_window < 0:
+        raise TemperError(f"shuffle_window={shuffle_window} must be >= 0 (0: no sample shuffle)")
     order = shard_order(num_shards=len(shard_sizes), seed=seed, epoch=epoch)
     order = [s for s in order if shard_sizes[s] > 0]
     total = sum(shard_sizes)
@@ -193,8 +237,11 @@ def build_epoch_plan(
         per, chunks, _, _ = _split(available, total, seg.world_size, seg.batch_size, policy)
         _check_start(seg.samples_per_rank, seg.batch_size, per, epoch, f"data position segment {i} samples_per_rank")
         consumed: _Ranges = []
-        for chunk in chunks:
-            consumed += _workers(chunk, per, seg.batch_size, max(1, seg.num_workers), seg.samples_per_rank)[0]
+        for rank, chunk in enumerate(chunks):
+            consumed += _workers(
+                chunk, per, seg.batch_size, max(1, seg.num_workers), seg.samples_per_rank,
+                window=seg.shuffle_window, parts=(seed, epoch, i, rank),
+            )[0]
         available = _subtract(available, consumed, total)
 
     per, chunks, dropped, padded = _split(available, total, world_size, batch_size, policy)
@@ -207,15 +254,20 @@ def build_epoch_plan(
         pos += shard_sizes[s]
     workers = []
     for rank, chunk in enumerate(chunks):
-        for slot, ranges in enumerate(_workers(chunk, per, batch_size, nw, start_sample)[1]):
+        rest = _workers(chunk, per, batch_size, nw, start_sample, window=shuffle_window,
+                        parts=(seed, epoch, len(history), rank))[1]
+        for slot, (ranges, first_window, skip, parts) in enumerate(rest):
             slices = _to_slices(ranges, cum, sizes, order)
-            workers.append(WorkerPlan(rank, slot, slices, sum(len(s) for s in slices)))
+            workers.append(WorkerPlan(
+                rank, slot, slices, sum(len(s) for s in slices) - skip,
+                window=shuffle_window, first_window=first_window, skip=skip, seed_parts=parts,
+            ))
     return EpochPlan(
         epoch=epoch, workers=tuple(workers), batches_per_rank=(per - start_sample) // batch_size,
         dropped=dropped, padded=padded, batch_size=batch_size, world_size=world_size,
         num_workers=nw, shard_order=tuple(order),
         shards_per_worker_min=len(order) // (world_size * nw), start_sample=start_sample,
-        history=tuple(history),
+        history=tuple(history), shuffle_window=shuffle_window,
     )
 
 
@@ -279,22 +331,35 @@ def _split(available: _Ranges, total: int, world: int, b: int, policy: str) -> t
     return per, [_take(stream, r * per, (r + 1) * per) for r in range(world)], dropped, padded
 
 
-def _workers(chunk: _Ranges, per: int, b: int, nw: int, start: int) -> tuple[_Ranges, list[_Ranges]]:
-    """(positions consumed by the first `start` samples in read order, each worker's rest).
+def _workers(
+    chunk: _Ranges, per: int, b: int, nw: int, start: int, *, window: int = 0, parts: tuple = (),
+) -> tuple[_Ranges, list[tuple[_Ranges, int, int, tuple]]]:
+    """(positions consumed by the first `start` samples in delivery order, each worker's rest).
 
     Worker w holds contiguous batches, Q or Q+1 of them (the first B % nw workers one more).
     After c = q*nw + r delivered batches (round-robin), worker w delivered q + (w < r); the
     rest is returned rotated to start at worker r, the one the round-robin would ask next.
+    A rest is (reads, first window number, deliveries to skip, permutation seed parts): with a
+    shuffle window the reads restart at the current window's start, and what was consumed of
+    that window is the first deliveries of its permutation, not a prefix.
     """
     q_all, r_all = divmod(per // b, nw)
     q, r = divmod(start // b, nw)
     consumed: _Ranges = []
-    rest: list[_Ranges] = []
+    rest: list[tuple[_Ranges, int, int, tuple]] = []
     first = 0
     for w in range(nw):
         n, done = q_all + (w < r_all), q + (w < r)
-        consumed += _take(chunk, first * b, (first + done) * b)
-        rest.append(_take(chunk, (first + done) * b, (first + n) * b))
+        base, delivered, seq_len = first * b, done * b, n * b
+        seed_parts = (*parts, w)
+        number = delivered // window if window else 0
+        begin = number * window if window else delivered
+        consumed += _take(chunk, base, base + begin)
+        if window and delivered > begin:
+            length = min(window, seq_len - begin)
+            for k in window_order(length, *seed_parts, number)[: delivered - begin]:
+                consumed += _take(chunk, base + begin + k, base + begin + k + 1)
+        rest.append((_take(chunk, base + begin, base + seq_len), number, delivered - begin, seed_parts))
         first += n
     return consumed, rest[r:] + rest[:r]
 
