@@ -1,5 +1,6 @@
 """Shared fixtures. Real parts are started by the tests themselves, once per session:
-an MLflow server (tests/fixtures/mlflow_server.py) and a Ray head (tests/fixtures/ray_cluster.py).
+an MLflow server (tests/fixtures/mlflow_server.py), a Ray head (tests/fixtures/ray_cluster.py),
+an HTTP file server and an S3-compatible server for shards (tests/fixtures/shard_servers.py).
 """
 
 from __future__ import annotations
@@ -8,7 +9,9 @@ import os
 
 import pytest
 
-pytest_plugins = ["tests.fixtures.mlflow_server", "tests.fixtures.ray_cluster"]
+pytest_plugins = [
+    "tests.fixtures.mlflow_server", "tests.fixtures.ray_cluster", "tests.fixtures.shard_servers",
+]
 
 # Keep test runs quiet and offline.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

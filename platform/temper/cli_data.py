@@ -64,7 +64,7 @@ def pack_cmd(
 @data_app.command("inspect")
 def inspect_cmd(
     url: Annotated[str, typer.Argument(
-        help="A folder written by `temper data pack`, its manifest.json, or a .tar shard.", show_default=False)],
+        help="A folder or http(s)/s3 URL written by `temper data pack`, its manifest.json, or .tar shard(s).", show_default=False)],
     verify: Annotated[bool, typer.Option(
         "--verify", help="Also re-check every shard's bytes, sha256 and sample count.")] = False,
 ) -> None:

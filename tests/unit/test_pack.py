@@ -349,6 +349,6 @@ def test_cli_pack_and_inspect(tmp_path, capsys, digits) -> None:
     with raises(f"URL {tmp_path}/missing does not exist; pass a folder written by `temper data pack`, "
                 "its manifest.json, or a .tar shard"):
         run_cli(["data", "inspect", str(tmp_path / "missing")])
-    with raises("URL s3://bucket/x is remote; `temper data inspect` reads local shards for now "
-                "(http(s):// and s3:// come with the streaming reader); copy a shard locally"):
-        run_cli(["data", "inspect", "s3://bucket/x"])
+    with raises("gs://bucket/x: the scheme 'gs://' is not supported; use a local path, file://, "
+                "http(s):// or s3:// (mount other stores, or copy the shards)"):
+        run_cli(["data", "inspect", "gs://bucket/x"])

@@ -1,8 +1,10 @@
-"""Data registry: `data.kind` in the spec -> this rank's DataBundle.
+"""Data registry: `data.kind` in the spec -> this rank's DataBundle, and the driver's preflight.
 
 A builder takes (spec, rank=, world_size=) and returns an object with the DataBundle
 interface: train_batches(), eval_batches(), has_eval, batches_per_epoch, state_dict(),
-load_state_dict().
+load_state_dict() (and `skipped`, samples substituted under data.on_error=skip, if it can
+skip). A preflight takes the spec, runs on the driver before any worker starts, raises
+TemperError on unusable data and returns warnings.
 """
 
 from __future__ import annotations
@@ -14,9 +16,32 @@ from temper.data.synthetic import build_synthetic_data
 from temper.errors import TemperError
 from temper.spec.models import JobSpec
 
+
+def _webdataset(spec: JobSpec, *, rank: int, world_size: int):
+    from temper.data.webdataset import build_webdataset_data
+
+    return build_webdataset_data(spec, rank=rank, world_size=world_size)
+
+
+def _webdataset_preflight(spec: JobSpec) -> list[str]:
+    from temper.data.webdataset import preflight
+
+    return preflight(spec)
+
+
 DATA_BUILDERS: dict[str, Callable[..., DataBundle]] = {
     "synthetic": build_synthetic_data,
+    "webdataset": _webdataset,
 }
+DATA_PREFLIGHTS: dict[str, Callable[[JobSpec], list[str]]] = {
+    "webdataset": _webdataset_preflight,
+}
+
+
+def preflight_data(spec: JobSpec) -> list[str]:
+    """Check the job's data before launching workers; returns warnings, raises TemperError."""
+    check = DATA_PREFLIGHTS.get(spec.data.kind)
+    return check(spec) if check else []
 
 
 def build_data(spec: JobSpec, *, rank: int, world_size: int) -> DataBundle:
@@ -29,4 +54,4 @@ def build_data(spec: JobSpec, *, rank: int, world_size: int) -> DataBundle:
     return builder(spec, rank=rank, world_size=world_size)
 
 
-__all__ = ["DATA_BUILDERS", "DataBundle", "build_data"]
+__all__ = ["DATA_BUILDERS", "DATA_PREFLIGHTS", "DataBundle", "build_data", "preflight_data"]

@@ -1,7 +1,8 @@
-"""`temper data inspect`: counts, keys and one decoded sample of local WebDataset shards.
+"""`temper data inspect`: counts, keys and one decoded sample of WebDataset shards.
 
 URL is a folder written by `temper data pack`, its manifest.json, a single .tar shard, or a
-folder of .tar shards without a manifest (then counts come from reading the tars).
+folder of .tar shards without a manifest (then counts come from reading the tars); or the
+same on http(s):// or s3:// (a base URL holding manifest.json, a manifest URL, shard URLs).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from temper.data import io as dio
 from temper.data.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -27,7 +29,6 @@ from temper.data.manifest import (
 from temper.data.tokenizer import tokenizer_from_manifest
 from temper.errors import TemperError
 
-REMOTE_PREFIXES = ("http://", "https://", "s3://", "gs://", "pipe:")
 TOKEN_HEAD = 16  # token ids shown
 TEXT_HEAD = 160  # decoded characters shown
 ACCEPTED = "pass a folder written by `temper data pack`, its manifest.json, or a .tar shard"
@@ -35,11 +36,6 @@ ACCEPTED = "pass a folder written by `temper data pack`, its manifest.json, or a
 
 def resolve(url: str) -> tuple[Manifest | None, Path, list[Path]]:
     """(manifest or None, folder, shard files) for a local URL."""
-    if url.startswith(REMOTE_PREFIXES):
-        raise TemperError(
-            f"URL {url} is remote; `temper data inspect` reads local shards for now "
-            "(http(s):// and s3:// come with the streaming reader); copy a shard locally"
-        )
     path = Path(url.removeprefix("file://")).expanduser()
     if not path.exists():
         raise TemperError(f"URL {url} does not exist; {ACCEPTED}")
@@ -133,6 +129,9 @@ def _describe_image(ext: str, data: bytes) -> str:
 
 def inspect_lines(url: str, *, check: bool = False) -> list[str]:
     """What `temper data inspect URL` prints."""
+    dio.check_scheme(url)
+    if dio.is_remote(url):
+        return _remote_lines(url, check=check)
     manifest, root, shards = resolve(url)
     lines: list[str] = []
     if check:
@@ -145,16 +144,48 @@ def inspect_lines(url: str, *, check: bool = False) -> list[str]:
             raise TemperError(f"shard {shard} listed in the manifest is missing; re-run `temper data pack`")
     sample = first_sample(shards[0])
     if manifest is not None:
-        lines += _manifest_lines(manifest, root, shards)
+        lines += _manifest_lines(manifest, str(root), {p.name for p in shards})
         tokenizer = _tokenizer(manifest, root, lines)
     else:
         lines += _scan_lines(root, shards, sample)
         tokenizer = None
-    lines.append(f"sample     {sample['__key__']} (from {shards[0].name})")
-    for ext in sorted(k for k in sample if k != "__key__"):
+    return lines + _sample_lines(sample, shards[0].name, tokenizer)
+
+
+def _sample_lines(sample: dict[str, Any], shard_name: str, tokenizer: Any) -> list[str]:
+    lines = [f"sample     {sample['__key__']} (from {shard_name})"]
+    for ext in sorted(k for k in sample if not k.startswith("__")):
         shown = describe_value(ext, decode_field(ext, sample[ext]), tokenizer=tokenizer)
         lines += [f"  {ext:<12} {shown[0]}", *(f"  {'':<12} {s}" for s in shown[1:])]
     return lines
+
+
+def _remote_lines(url: str, *, check: bool) -> list[str]:
+    """http(s):// and s3:// (credentials and endpoint from the standard AWS environment)."""
+    from temper.data.plan import ShardSlice
+    from temper.data.shards import check_shards, resolve_shards
+    from temper.data.stream import Bad, read_slice
+
+    options = dio.IOOptions()
+    shards = resolve_shards(url, options=options, field="URL")
+    lines: list[str] = []
+    check_shards(shards, verify="sha256" if check else "size", options=options, field="URL")
+    if check:
+        lines.append(f"verified   {len(shards.urls)} shard(s): bytes and sha256 match the manifest")
+    first = next((i for i, n in enumerate(shards.sizes) if n), 0)
+    sample = next(read_slice(shards, ShardSlice(first, 0, 1), options=options))
+    if isinstance(sample, Bad):
+        raise TemperError(f"shard {sample.url} is not readable: {sample.reason}")
+    names = {u.rsplit("/", 1)[-1] for u in shards.urls}
+    tokenizer = None
+    if shards.manifest is not None:
+        lines += _manifest_lines(shards.manifest, url, names)
+        if shards.manifest.extras.get("tokenizer", {}).get("kind") == "bytes":
+            tokenizer = _tokenizer(shards.manifest, Path("."), lines)
+    else:
+        lines += [f"dataset    {url} (no {MANIFEST_NAME}: counts read from the tar files)",
+                  f"shards     {len(shards.urls)}", f"samples    {shards.num_samples}"]
+    return lines + _sample_lines(sample, shards.urls[first].rsplit("/", 1)[-1], tokenizer)
 
 
 def _tokenizer(manifest: Manifest, root: Path, lines: list[str]) -> Any:
@@ -168,8 +199,8 @@ def _tokenizer(manifest: Manifest, root: Path, lines: list[str]) -> Any:
         return None
 
 
-def _manifest_lines(manifest: Manifest, root: Path, shards: list[Path]) -> list[str]:
-    infos = [s for s in manifest.shards if s.name in {p.name for p in shards}] or manifest.shards
+def _manifest_lines(manifest: Manifest, root: str, names: set[str]) -> list[str]:
+    infos = [s for s in manifest.shards if s.name in names] or manifest.shards
     samples, size = sum(s.num_samples for s in infos), sum(s.bytes for s in infos)
     lines = [
         f"dataset    {root} (format {manifest.format}, source {manifest.source}, created {manifest.created})",

@@ -396,3 +396,18 @@ def _to_slices(ranges: _Ranges, cum: list[int], sizes: list[int], order: list[in
             out.append(piece)
             a, i = end, i + 1
     return tuple(out)
+
+
+def eval_reads(*, shard_sizes: Sequence[int], rank: int, world_size: int, limit: int | None) -> WorkerPlan:
+    """Rank `rank`'s share of an evaluation pass: no shuffle, contiguous positions
+    [rank * N // W, (rank + 1) * N // W) of the shards in manifest order (shares differ by at
+    most one sample, nothing read twice), capped at `limit` samples. Evaluation all-reduces
+    once at the end, so its batch counts need not be equal."""
+    total = sum(shard_sizes)
+    lo, hi = rank * total // world_size, (rank + 1) * total // world_size
+    if limit is not None:
+        hi = min(hi, lo + limit)
+    order = list(range(len(shard_sizes)))
+    cum = [sum(shard_sizes[:i]) for i in order]
+    slices = tuple(s for s in _to_slices([(lo, hi)] if hi > lo else [], cum, list(shard_sizes), order) if len(s))
+    return WorkerPlan(rank, 0, slices, hi - lo)

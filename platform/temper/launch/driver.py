@@ -49,6 +49,10 @@ def build_launcher(name: str, *, address: str | None = None) -> Launcher:
 def run_job(spec: JobSpec, *, launcher: Launcher, workdir: Path) -> JobOutcome:
     """Run one job to the end and record it; re-raises KeyboardInterrupt after cleanup."""
     launcher.check(spec)
+    from temper.data import preflight_data
+
+    for warning in preflight_data(spec):
+        console.print(f"warning: {warning}", markup=False, style="yellow")
     handle = None
     if spec.tracking.enabled:
         from temper.tracking import start_run

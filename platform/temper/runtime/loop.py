@@ -116,7 +116,8 @@ def _run_steps(*, spec, ctx, strategy, objective, scheduler, data, tracker, perf
         last = step == t.max_steps
         if step % t.log_every == 0 or last:
             stop = ctx.is_main and not last and reporter.should_stop()
-            metrics, result.stopped = _close_window(window, ctx=ctx, perf=perf, stop=stop)
+            metrics, result.stopped = _close_window(window, ctx=ctx, perf=perf, stop=stop,
+                                                    skipped=getattr(data, "skipped", None))
             metrics["train/lr"] = lr
             _check_finite(metrics["train/loss"], step=step)
             result.loss_history.append((step, metrics["train/loss"]))
@@ -158,18 +159,20 @@ def _train_step(*, strategy: Strategy, objective: Objective, batches: Iterator, 
     return samples, tokens
 
 
-def _close_window(window: _Window, *, ctx: DistContext, perf: PerfMeter,
-                  stop: bool) -> tuple[dict[str, float], bool]:
+def _close_window(window: _Window, *, ctx: DistContext, perf: PerfMeter, stop: bool,
+                  skipped: int | None = None) -> tuple[dict[str, float], bool]:
     """Average the window over its steps and over ranks, add perf rates, and share rank 0's
-    stop request, all in one all-reduce."""
+    stop request and the ranks' skipped-sample counts (summed), all in one all-reduce."""
     keys = ["train/loss", "train/grad_norm", *sorted(window.metrics)]
     values = [window.loss.float(), window.grad_norm, *(window.metrics[k] for k in keys[2:])]
     local = torch.stack(values) / max(window.steps, 1)
-    flag = torch.tensor([float(stop)], device=local.device)
-    mean = ctx.all_reduce_mean(torch.cat([local, flag])).tolist()
-    metrics = dict(zip(keys, mean[:-1], strict=True))
+    extra = torch.tensor([float(stop), float(skipped or 0)], device=local.device)
+    mean = ctx.all_reduce_mean(torch.cat([local, extra])).tolist()
+    metrics = dict(zip(keys, mean[:-2], strict=True))
+    if skipped is not None:
+        metrics["data/skipped_samples"] = round(mean[-1] * ctx.world_size)
     metrics.update(perf.window())
-    return metrics, mean[-1] > 0
+    return metrics, mean[-2] > 0
 
 
 @torch.no_grad()
@@ -195,9 +198,11 @@ def evaluate(*, strategy: Strategy, objective: Objective, data, ctx: DistContext
     return {f"val/{k}": v / n_total for k, v in zip(keys, total[:-1].tolist(), strict=True)}
 
 
-def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+def _to_device(batch: dict, device: torch.device) -> dict:
+    """Tensors to `device`; anything else (sample keys) passes through."""
     non_blocking = device.type == "cuda"
-    return {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
+    return {k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
 
 
 def _autocast_factory(spec: JobSpec, ctx: DistContext):

@@ -137,7 +137,49 @@ class SyntheticDataSpec(_Spec):
     num_workers: int = Field(default=0, ge=0, description="DataLoader worker processes per rank.")
 
 
-DataSpec = Annotated[SyntheticDataSpec, Field(discriminator="kind")]
+class WebDatasetSpec(_Spec):
+    """WebDataset tar shards (as written by `temper data pack`) streamed from a local folder,
+    http(s):// or s3://, with a deterministic plan that gives every rank the same number of
+    batches, a seeded shuffle, and a resumable position."""
+
+    kind: Literal["webdataset"] = "webdataset"
+    train: str = Field(
+        min_length=1,
+        description="Folder/URL with manifest.json, a manifest URL, or shard URLs ('.../x-{000000..000009}.tar').",
+    )
+    eval: str | None = Field(default=None, description="Held-out split, same forms as train (null: no eval).")
+    remainder: Literal["drop", "pad"] = Field(
+        default="drop",
+        description="Samples that do not divide into equal batches per rank: drop them (per epoch) or pad by re-reading.",
+    )
+    shuffle_buffer: int = Field(
+        default=1000, ge=0, description="Samples each loader worker shuffles together (0: read order)."
+    )
+    num_workers: int = Field(default=2, ge=0, description="DataLoader worker processes per rank.")
+    prefetch_factor: int = Field(default=2, ge=1, description="Batches each worker keeps ready.")
+    on_error: Literal["fail", "skip"] = Field(
+        default="fail",
+        description="A sample that cannot be read or decoded: fail naming shard and key, or skip it (counted).",
+    )
+    verify: Literal["none", "size", "sha256"] = Field(
+        default="size",
+        description="Preflight: shards exist (none), and match the manifest's byte sizes (size) or sha256 (reads all).",
+    )
+    fields: dict[str, str] = Field(
+        default_factory=dict,
+        description="Batch field -> sample key (e.g. {image: png, label: cls}); default: from the manifest's keys.",
+    )
+    transform: str | None = Field(
+        default=None,
+        description="'module:function' applied to each decoded sample (dict of tensors, random.Random).",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None, description="S3-compatible endpoint (MinIO, Ceph); else $AWS_ENDPOINT_URL_S3/$AWS_ENDPOINT_URL."
+    )
+    timeout_s: float = Field(default=60.0, gt=0, description="Connect/read timeout for remote shards.")
+
+
+DataSpec = Annotated[SyntheticDataSpec | WebDatasetSpec, Field(discriminator="kind")]
 
 # ------------------------------------------------------------------------- strategies
 
@@ -247,6 +289,8 @@ class JobSpec(_Spec):
         for section, default in (("data", "synthetic"), ("strategy", "ddp")):
             value = data.get(section)
             if isinstance(value, dict) and "kind" not in value:
+                if section == "data" and "train" in value:
+                    default = "webdataset"
                 data = {**data, section: {"kind": default, **value}}
         objective = data.get("objective")
         if objective is None or (isinstance(objective, dict) and "kind" not in objective):
