@@ -1,7 +1,7 @@
 """The training loop every worker runs, whatever launched it. Read it top to bottom.
 
     train(spec, ctx)
-      build model (same seed on every rank) -> objective -> strategy.setup(model, optimizer)
+      build model (meta device) -> objective -> strategy.setup(model, optimizer)
       -> LR schedule -> data (this rank's share) -> tracker (rank 0 only logs)
       for step in range(max_steps):
           grad_accum micro-steps (gradient sync only on the last one)
@@ -68,17 +68,19 @@ def train(
 ) -> TrainResult:
     """Train `spec` on this worker; every rank calls this with its own `ctx`."""
     reporter = reporter or Reporter()
-    torch.manual_seed(spec.seed)  # identical initial weights on every rank
-    model = build_model(spec.model)
+    torch.manual_seed(spec.seed)
+    strategy = build_strategy(spec, ctx=ctx)
+    with torch.device("meta"):  # the strategy shards, then allocates and initializes from (seed, name)
+        model = build_model(spec.model)
     flops_per_sample = getattr(model, "train_flops_per_sample", lambda: None)()
     objective = build_objective(spec.objective)
-    strategy = build_strategy(spec, ctx=ctx)
     strategy.setup(model, build_optimizer=lambda m: build_optimizer(m, spec.optim))
     scheduler = build_scheduler(
         strategy.optimizer, spec=spec.optim.schedule, max_steps=spec.train.max_steps
     )
-    torch.manual_seed(spec.seed + 1 + ctx.rank)  # dropout differs per rank, reproducibly
-    data = build_data(spec, rank=ctx.rank, world_size=ctx.world_size)
+    # Tensor-parallel peers share data and dropout masks: split and seed by the data-parallel rank.
+    torch.manual_seed(spec.seed + 1 + strategy.data_rank)  # dropout differs per replica, reproducibly
+    data = build_data(spec, rank=strategy.data_rank, world_size=strategy.data_world_size)
     tracker = build_tracker(run_info, rank=ctx.rank, spec=spec)
     perf = PerfMeter(
         device=ctx.device,
