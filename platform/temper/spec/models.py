@@ -16,8 +16,10 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, model_validator
 
 from temper.spec.base import _Spec
-from temper.spec.strategy import (
+from temper.spec.strategy import (  # the strategy specs are re-exported from here
     DDPSpec,
+    DeepSpeedSpec,  # noqa: F401
+    FSDPSpec,  # noqa: F401
     StrategySpec,
     expand_strategy_preset,
     strategy_problems,
