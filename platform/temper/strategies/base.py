@@ -76,6 +76,17 @@ class Strategy(ABC):
             optim=sum(tensor_bytes(t) for t in state if t.ndim > 0),  # not Adam's step counters
         )
 
+    def measure_memory(self, micro_step: Callable[[], torch.Tensor]) -> MemoryReport:
+        """Run one optimizer step of one micro-step (`micro_step()` returns the loss) and
+        report this rank's memory: gradients at their peak (before the optimizer step),
+        parameters and optimizer state after it."""
+        self.backward(micro_step())
+        grads = self.memory_report().grads
+        self.clip_grad_norm(None)
+        self.step()
+        after = self.memory_report()
+        return MemoryReport(params=after.params, grads=grads, optim=after.optim)
+
     def unwrap(self) -> nn.Module:
         """The bare model (for export, FLOP counts, eval outside the wrapper)."""
         return self.model

@@ -93,6 +93,18 @@ class DeepSpeedStrategy(Strategy):
     def step(self) -> None:
         """Nothing left: DeepSpeed stepped and zeroed on the last micro-step's backward."""
 
+    def measure_memory(self, micro_step: Callable[[], torch.Tensor]) -> MemoryReport:
+        """One optimizer step of grad_accum micro-steps; gradients are the most held after
+        any micro-step's backward (between micro-steps ZeRO-1 keeps full gradients, ZeRO-2
+        and 3 accumulate into their partitions)."""
+        grads = 0
+        for _ in range(self.job.train.grad_accum):
+            self.engine.backward(micro_step(), scale_wrt_gas=False)
+            grads = max(grads, self.memory_report().grads)
+            self.engine.step()
+        after = self.memory_report()
+        return MemoryReport(params=after.params, grads=grads, optim=after.optim)
+
     def memory_report(self) -> MemoryReport:
         return deepspeed_memory(self.engine, stage=self.spec.stage)
 
@@ -117,7 +129,7 @@ def deepspeed_memory(engine: Any, *, stage: int) -> MemoryReport:
         for t in tensors:
             if t is None or not isinstance(t, torch.Tensor) or t.numel() == 0:
                 continue
-            key = t.untyped_storage().data_ptr()
+            key = (t.data_ptr(), t.numel())  # ZeRO 1/2 params are views of one flat buffer
             if key in seen:
                 continue
             seen.add(key)
