@@ -126,7 +126,7 @@ BASE = {"name": "bad", "model": {"kind": "gpt"}}
         ({"model": {"kind": "gtp"}},
          "model.kind: 'gtp' is not a known kind (did you mean 'gpt'?); accepted: gpt, resnet"),
         ({"strategy": {"kind": "fsdpp"}},
-         "strategy.kind: 'fsdpp' is not a known kind; accepted: ddp"),
+         "strategy.kind: 'fsdpp' is not a known kind (did you mean 'fsdp'?); accepted: ddp, fsdp, deepspeed"),
         ({"train": {"precision": "fp16"}},
          "train.precision: input should be 'fp32' or 'bf16' (got 'fp16')"),
         ({"model": {"kind": "gpt", "d_model": 64, "n_head": 3}},

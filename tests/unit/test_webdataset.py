@@ -207,8 +207,8 @@ def test_preflight_errors_name_the_url_and_the_fix(shards, tmp_path):
     assert preflight(job(str(changed), verify="size")) == []
     with pytest.raises(TemperError, match=r"toy-000001.tar has sha256 .* but its manifest says"):
         preflight(job(str(changed), verify="sha256"))
-    with pytest.raises(TemperError, match=r"data.train has 140 samples, fewer than resources.workers 4 x "
-                       r"train.micro_batch_size 64"):
+    with pytest.raises(TemperError, match=r"data.train has 140 samples, fewer than 4 data-parallel "
+                       r"rank\(s\) x train.micro_batch_size 64; pack more data"):
         preflight(job(str(shards), workers=4, batch=64))
     small = JobSpec.model_validate({**job(str(shards)).model_dump(), "model": {"kind": "gpt", "flavor": "tiny", "seq_len": 16}})
     with pytest.raises(TemperError, match=r"sequences hold 8 tokens \+ 1 but model.seq_len is 16; set model.seq_len<=8"):
@@ -221,7 +221,7 @@ def test_preflight_errors_name_the_url_and_the_fix(shards, tmp_path):
 
 def test_preflight_warns_when_workers_share_shards(shards):
     warnings = preflight(job(str(shards), workers=3, num_workers=2))
-    assert len(warnings) == 1 and "5 shard(s) for 3 rank(s) x 2 loader worker(s)" in warnings[0]
+    assert len(warnings) == 1 and "5 shard(s) for 3 data-parallel rank(s) x 2 loader worker(s)" in warnings[0]
 
 
 def test_shard_patterns_with_and_without_a_manifest(shards, tmp_path):

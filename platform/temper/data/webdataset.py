@@ -230,11 +230,12 @@ def preflight(spec: JobSpec) -> list[str]:
             check_compatible(spec, shards, field=name)
         except TemperError as e:
             problems.extend(e.problems)
-    workers = spec.resources.workers
+    workers = spec.resources.workers // getattr(spec.strategy, "tensor_parallel", 1)  # data replicas
     need = workers * spec.train.micro_batch_size
     if train.num_samples < need:
-        problems.append(f"data.train has {train.num_samples} samples, fewer than resources.workers {workers} x "
-                        f"train.micro_batch_size {spec.train.micro_batch_size}; pack more data or lower either")
+        problems.append(f"data.train has {train.num_samples} samples, fewer than {workers} data-parallel "
+                        f"rank(s) x train.micro_batch_size {spec.train.micro_batch_size}; pack more data, "
+                        "use fewer resources.workers or a smaller micro_batch_size")
     if problems:
         raise TemperError(problems[0], problems=problems)
     load_transform(d.transform)
@@ -243,7 +244,7 @@ def preflight(spec: JobSpec) -> list[str]:
     non_empty = sum(1 for n in train.sizes if n)
     if non_empty < readers:
         warnings.append(
-            f"data.train has {non_empty} shard(s) for {workers} rank(s) x {max(1, d.num_workers)} loader "
+            f"data.train has {non_empty} shard(s) for {workers} data-parallel rank(s) x {max(1, d.num_workers)} loader "
             f"worker(s); workers will share shards by sample ranges, each streaming past the samples "
             f"before its range (pack more, smaller shards with --shard-size for efficient reads)"
         )

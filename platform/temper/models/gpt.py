@@ -94,20 +94,28 @@ class GPT(nn.Module):
 
     def init_weights(self) -> None:
         """(Re)initialize every parameter from the torch RNG (GPT-2 scheme, deterministic)."""
-        residual_std = 0.02 / math.sqrt(2 * self.spec.n_layer)
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                if module is self.head and self.spec.tie_embeddings:
-                    continue  # shares tok_emb.weight, initialized below
-                std = residual_std if name.endswith(("attn.proj", "mlp.proj")) else 0.02
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        with torch.no_grad():
+            for name, param in self.named_parameters():  # a tied weight is listed once
+                self.init_parameter(name, param)
+
+    @torch.no_grad()
+    def init_parameter(
+        self, name: str, tensor: torch.Tensor, *, generator: torch.Generator | None = None
+    ) -> None:
+        """Fill `tensor` (the full, unsharded shape of parameter `name`) by the GPT-2 scheme:
+        N(0, 0.02) for embeddings and matrices, N(0, 0.02 / sqrt(2 n_layer)) for the residual
+        projections, ones for LayerNorm weights, zeros for biases. Strategies call this per
+        parameter with a generator seeded by (seed, name), so sharding never changes the init.
+        """
+        if name.endswith(".bias"):
+            tensor.zero_()
+        elif name.rpartition(".")[0].rpartition(".")[2].startswith("ln"):
+            tensor.fill_(1.0)
+        else:
+            std = 0.02
+            if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
+                std = 0.02 / math.sqrt(2 * self.spec.n_layer)
+            tensor.normal_(mean=0.0, std=std, generator=generator)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         t = tokens.shape[1]

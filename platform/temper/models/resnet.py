@@ -131,16 +131,26 @@ class ResNet(nn.Module):
 
     def init_weights(self) -> None:
         """Kaiming-normal convs, BN (1, 0), zero gamma on each branch's last BN, default head."""
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Linear):
-                module.reset_parameters()
-        for block in self.blocks:
-            nn.init.zeros_(block.last_bn.weight)
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                self.init_parameter(name, param)
+
+    @torch.no_grad()
+    def init_parameter(
+        self, name: str, tensor: torch.Tensor, *, generator: torch.Generator | None = None
+    ) -> None:
+        """Fill `tensor` (the full shape of parameter `name`) from `generator` (see init_weights)."""
+        owner_name, _, attr = name.rpartition(".")
+        owner = self.get_submodule(owner_name)
+        if isinstance(owner, nn.Conv2d):
+            fan_out = tensor.shape[0] * tensor[0][0].numel()
+            tensor.normal_(0.0, math.sqrt(2.0 / fan_out), generator=generator)
+        elif isinstance(owner, nn.BatchNorm2d):
+            last = attr == "weight" and any(owner is b.last_bn for b in self.blocks)
+            tensor.fill_(1.0 if attr == "weight" and not last else 0.0)
+        elif isinstance(owner, nn.Linear):  # nn.Linear.reset_parameters: U(+-1/sqrt(fan_in))
+            bound = 1.0 / math.sqrt(owner.in_features)
+            tensor.uniform_(-bound, bound, generator=generator)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.stem(images)

@@ -1,7 +1,7 @@
 """The training loop every worker runs, whatever launched it. Read it top to bottom.
 
     train(spec, ctx)
-      build model (same seed on every rank) -> objective -> strategy.setup(model, optimizer)
+      build model (meta device) -> objective -> strategy.setup(model, optimizer)
       -> LR schedule -> data (this rank's share) -> tracker (rank 0 only logs)
       for step in range(max_steps):
           grad_accum micro-steps (gradient sync only on the last one)
@@ -68,21 +68,24 @@ def train(
 ) -> TrainResult:
     """Train `spec` on this worker; every rank calls this with its own `ctx`."""
     reporter = reporter or Reporter()
-    torch.manual_seed(spec.seed)  # identical initial weights on every rank
-    model = build_model(spec.model)
+    torch.manual_seed(spec.seed)
+    strategy = build_strategy(spec, ctx=ctx)
+    with torch.device("meta"):  # the strategy shards, then allocates and initializes from (seed, name)
+        model = build_model(spec.model)
     flops_per_sample = getattr(model, "train_flops_per_sample", lambda: None)()
     objective = build_objective(spec.objective)
-    strategy = build_strategy(spec, ctx=ctx)
     strategy.setup(model, build_optimizer=lambda m: build_optimizer(m, spec.optim))
     scheduler = build_scheduler(
         strategy.optimizer, spec=spec.optim.schedule, max_steps=spec.train.max_steps
     )
-    torch.manual_seed(spec.seed + 1 + ctx.rank)  # dropout differs per rank, reproducibly
-    data = build_data(spec, rank=ctx.rank, world_size=ctx.world_size)
+    # Tensor-parallel peers share data and dropout masks: split and seed by the data-parallel rank.
+    torch.manual_seed(spec.seed + 1 + strategy.data_rank)  # dropout differs per replica, reproducibly
+    data = build_data(spec, rank=strategy.data_rank, world_size=strategy.data_world_size)
     tracker = build_tracker(run_info, rank=ctx.rank, spec=spec)
     perf = PerfMeter(
         device=ctx.device,
         world_size=ctx.world_size,
+        replicas=strategy.data_world_size,
         flops_per_sample=flops_per_sample,
         peak_flops_per_device=peak_flops(ctx.device, spec.train.precision),
     )
@@ -117,7 +120,8 @@ def _run_steps(*, spec, ctx, strategy, objective, scheduler, data, tracker, perf
         if step % t.log_every == 0 or last:
             stop = ctx.is_main and not last and reporter.should_stop()
             metrics, result.stopped = _close_window(window, ctx=ctx, perf=perf, stop=stop,
-                                                    skipped=getattr(data, "skipped", None))
+                                                    skipped=getattr(data, "skipped", None),
+                                                    replicas=strategy.data_world_size)
             metrics["train/lr"] = lr
             _check_finite(metrics["train/loss"], step=step)
             result.loss_history.append((step, metrics["train/loss"]))
@@ -160,9 +164,10 @@ def _train_step(*, strategy: Strategy, objective: Objective, batches: Iterator, 
 
 
 def _close_window(window: _Window, *, ctx: DistContext, perf: PerfMeter, stop: bool,
-                  skipped: int | None = None) -> tuple[dict[str, float], bool]:
+                  skipped: int | None = None, replicas: int = 1) -> tuple[dict[str, float], bool]:
     """Average the window over its steps and over ranks, add perf rates, and share rank 0's
-    stop request and the ranks' skipped-sample counts (summed), all in one all-reduce."""
+    stop request and the data replicas' skipped-sample counts (summed; tensor-parallel peers
+    read the same samples), all in one all-reduce."""
     keys = ["train/loss", "train/grad_norm", *sorted(window.metrics)]
     values = [window.loss.float(), window.grad_norm, *(window.metrics[k] for k in keys[2:])]
     local = torch.stack(values) / max(window.steps, 1)
@@ -170,7 +175,7 @@ def _close_window(window: _Window, *, ctx: DistContext, perf: PerfMeter, stop: b
     mean = ctx.all_reduce_mean(torch.cat([local, extra])).tolist()
     metrics = dict(zip(keys, mean[:-2], strict=True))
     if skipped is not None:
-        metrics["data/skipped_samples"] = round(mean[-1] * ctx.world_size)
+        metrics["data/skipped_samples"] = round(mean[-1] * replicas)
     metrics.update(perf.window())
     return metrics, mean[-2] > 0
 

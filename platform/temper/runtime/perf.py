@@ -51,9 +51,11 @@ class PerfMeter:
         world_size: int,
         flops_per_sample: float | None,
         peak_flops_per_device: float | None,
+        replicas: int | None = None,
     ) -> None:
         self.device = device
-        self.world_size = world_size
+        self.world_size = world_size  # devices (for MFU)
+        self.replicas = replicas or world_size  # data-parallel replicas (TP peers share samples)
         self.flops_per_sample = flops_per_sample
         self.peak = peak_flops_per_device
         self._start = time.perf_counter()
@@ -72,13 +74,13 @@ class PerfMeter:
         now = time.perf_counter()
         elapsed = max(now - self._start, 1e-9)
         steps = max(self._steps, 1)
-        samples = self._samples * self.world_size  # every rank processes an equal share
+        samples = self._samples * self.replicas  # every replica processes an equal share
         out = {
             "perf/step_time_s": elapsed / steps,
             "perf/samples_per_s": samples / elapsed,
         }
         if self._tokens:
-            out["perf/tokens_per_s"] = self._tokens * self.world_size / elapsed
+            out["perf/tokens_per_s"] = self._tokens * self.replicas / elapsed
         if self.flops_per_sample and self.peak:
             achieved = self.flops_per_sample * samples / elapsed
             out["perf/mfu"] = achieved / (self.peak * self.world_size)

@@ -15,6 +15,8 @@ from temper.spec.models import (
     CausalLMSpec,
     ClassifySpec,
     DDPSpec,
+    DeepSpeedSpec,
+    FSDPSpec,
     GPTSpec,
     JobSpec,
     OptimSpec,
@@ -27,7 +29,7 @@ from temper.spec.models import (
 )
 
 __all__ = [
-    "CausalLMSpec", "ClassifySpec", "DDPSpec", "GPTSpec", "JobSpec", "OptimSpec", "ResNetSpec",
+    "CausalLMSpec", "ClassifySpec", "DDPSpec", "DeepSpeedSpec", "FSDPSpec", "GPTSpec", "JobSpec", "OptimSpec", "ResNetSpec",
     "ResourcesSpec", "ScheduleSpec", "SyntheticDataSpec", "TrackingSpec", "TrainSpec",
     "apply_overrides", "flatten", "load_spec", "spec_from_json", "spec_hash", "spec_to_dict",
     "spec_to_json", "spec_to_yaml", "validate_spec",

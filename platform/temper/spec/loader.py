@@ -223,6 +223,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> tuple[dict[st
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
+            if depth == 0 and part == "strategy" and isinstance(child, str):
+                child = node[part] = {"preset": child}  # `strategy: fsdp` + strategy.x=...
             if not isinstance(child, dict):
                 prefix = ".".join(parts[: depth + 1])
                 raise SpecError([f"--set {key}: {prefix} is a value ({_short(child)}), not a section"])

@@ -2,7 +2,8 @@
 
 One YAML file maps onto `JobSpec`. Sections with alternatives (`model`, `data`,
 `strategy`, `objective`) are discriminated unions on `kind:`; each alternative is a
-`*Spec` class registered in the union below. Later issues add alternatives by adding a
+`*Spec` class registered in the union below. Strategies (and their presets) live in
+temper.spec.strategy. Later issues add alternatives by adding a
 class to the union, never by `if` chains in the loop.
 
 This module imports neither torch nor ray: `temper validate` and `temper schema` stay fast.
@@ -12,11 +13,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-
-class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from temper.spec.base import _Spec
+from temper.spec.strategy import (  # the strategy specs are re-exported from here
+    DDPSpec,
+    DeepSpeedSpec,  # noqa: F401
+    FSDPSpec,  # noqa: F401
+    StrategySpec,
+    expand_strategy_preset,
+    strategy_problems,
+)
 
 
 def _fill_flavor(data: Any, presets: dict[str, dict[str, Any]]) -> Any:
@@ -184,16 +191,7 @@ DataSpec = Annotated[SyntheticDataSpec | WebDatasetSpec, Field(discriminator="ki
 # ------------------------------------------------------------------------- strategies
 
 
-class DDPSpec(_Spec):
-    """PyTorch DistributedDataParallel: replicated model, all-reduced gradients."""
-
-    kind: Literal["ddp"] = "ddp"
-    bucket_cap_mb: float = Field(default=25.0, gt=0)
-    find_unused_parameters: bool = False
-    static_graph: bool = False
-
-
-StrategySpec = Annotated[DDPSpec, Field(discriminator="kind")]
+# DDPSpec, FSDPSpec, DeepSpeedSpec and their presets live in temper.spec.strategy.
 
 # -------------------------------------------------------------------- optim and train
 
@@ -286,6 +284,8 @@ class JobSpec(_Spec):
         the model's natural objective."""
         if not isinstance(data, dict):
             return data
+        if "strategy" in data:
+            data = {**data, "strategy": expand_strategy_preset(data["strategy"])}
         for section, default in (("data", "synthetic"), ("strategy", "ddp")):
             value = data.get(section)
             if isinstance(value, dict) and "kind" not in value:
@@ -318,9 +318,15 @@ class JobSpec(_Spec):
                 "train.device is 'cpu' but resources.gpus_per_worker > 0 reserves GPUs it "
                 "will not use; set resources.gpus_per_worker=0 or train.device=auto"
             )
+        problems = strategy_problems(
+            strategy=self.strategy, model=self.model, workers=self.resources.workers
+        )
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     @property
     def global_batch_size(self) -> int:
         """Samples per optimizer step across all workers."""
-        return self.train.micro_batch_size * self.train.grad_accum * self.resources.workers
+        data_parallel = self.resources.workers // getattr(self.strategy, "tensor_parallel", 1)
+        return self.train.micro_batch_size * self.train.grad_accum * data_parallel

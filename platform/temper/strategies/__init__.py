@@ -8,14 +8,18 @@ from temper.runtime.context import DistContext
 from temper.spec.models import JobSpec
 from temper.strategies.base import Strategy
 from temper.strategies.ddp import DDPStrategy
+from temper.strategies.deepspeed import DeepSpeedStrategy
+from temper.strategies.fsdp import FSDPStrategy
 
 STRATEGY_BUILDERS: dict[str, Callable[..., Strategy]] = {
     "ddp": DDPStrategy,
+    "fsdp": FSDPStrategy,
+    "deepspeed": DeepSpeedStrategy,
 }
 
 
 def build_strategy(spec: JobSpec, *, ctx: DistContext) -> Strategy:
-    return STRATEGY_BUILDERS[spec.strategy.kind](spec.strategy, ctx=ctx)
+    return STRATEGY_BUILDERS[spec.strategy.kind](spec.strategy, ctx=ctx, job=spec)
 
 
 __all__ = ["STRATEGY_BUILDERS", "Strategy", "build_strategy"]

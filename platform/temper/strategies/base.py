@@ -24,15 +24,21 @@ import torch
 from torch import nn
 
 from temper.runtime.context import DistContext
+from temper.strategies.grad_norm import clip_grad_norm_global
+from temper.strategies.memory import MemoryReport, tensor_bytes
 
 
 class Strategy(ABC):
     """Owns the wrapped model and the optimizer; the loop owns everything else."""
 
-    def __init__(self, *, ctx: DistContext) -> None:
+    def __init__(self, *, ctx: DistContext, seed: int = 0) -> None:
         self.ctx = ctx
+        self.seed = seed  # parameters are initialized from (seed, name): see strategies/init.py
         self.model: nn.Module | None = None  # the wrapped model (what forward goes through)
         self.optimizer: torch.optim.Optimizer | None = None
+        # This rank's place among the data-parallel replicas (tensor-parallel peers share data).
+        self.data_rank = ctx.rank
+        self.data_world_size = ctx.world_size
 
     @abstractmethod
     def setup(
@@ -53,15 +59,33 @@ class Strategy(ABC):
 
     def clip_grad_norm(self, max_norm: float | None) -> torch.Tensor:
         """Clip by the global gradient norm (over all shards); return the pre-clip norm."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if max_norm is None:
-            norms = [p.grad.detach().norm(2) for p in params]
-            return torch.linalg.vector_norm(torch.stack(norms), 2) if norms else torch.zeros(())
-        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        return clip_grad_norm_global(self.model.parameters(), max_norm)
 
     def step(self) -> None:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def memory_report(self) -> MemoryReport:
+        """Bytes this rank holds in parameters, gradients and optimizer state (local shards)."""
+        params = [p for p in self.model.parameters()]
+        state = [v for st in self.optimizer.state.values() for v in st.values()
+                 if isinstance(v, torch.Tensor)]
+        return MemoryReport(
+            params=sum(tensor_bytes(p) for p in params),
+            grads=sum(tensor_bytes(p.grad) for p in params if p.grad is not None),
+            optim=sum(tensor_bytes(t) for t in state if t.ndim > 0),  # not Adam's step counters
+        )
+
+    def measure_memory(self, micro_step: Callable[[], torch.Tensor]) -> MemoryReport:
+        """Run one optimizer step of one micro-step (`micro_step()` returns the loss) and
+        report this rank's memory: gradients at their peak (before the optimizer step),
+        parameters and optimizer state after it."""
+        self.backward(micro_step())
+        grads = self.memory_report().grads
+        self.clip_grad_norm(None)
+        self.step()
+        after = self.memory_report()
+        return MemoryReport(params=after.params, grads=grads, optim=after.optim)
 
     def unwrap(self) -> nn.Module:
         """The bare model (for export, FLOP counts, eval outside the wrapper)."""

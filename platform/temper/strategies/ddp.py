@@ -1,4 +1,9 @@
-"""DDP: every rank holds the whole model; gradients are all-reduced in buckets."""
+"""DDP: every rank holds the whole model; gradients are all-reduced in buckets.
+
+With `tensor_parallel > 1` the model is first split by the TP plan on a 2-D (dp, tp) mesh;
+data parallelism over `dp` then uses the DTensor-aware `replicate` (DDP on FSDP2's engine),
+which also makes the parameters TP left alone DTensors, as the optimizer's foreach kernels need.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +15,22 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from temper.runtime.context import DistContext
-from temper.spec.models import DDPSpec
+from temper.spec.models import DDPSpec, JobSpec
 from temper.strategies.base import Strategy
+from temper.strategies.init import materialize
+from temper.strategies.parallelize import (
+    apply_activation_checkpointing,
+    apply_compile,
+    apply_tensor_parallel,
+    build_mesh,
+)
 
 
 class DDPStrategy(Strategy):
-    def __init__(self, spec: DDPSpec, *, ctx: DistContext) -> None:
-        super().__init__(ctx=ctx)
+    def __init__(self, spec: DDPSpec, *, ctx: DistContext, job: JobSpec | None = None) -> None:
+        super().__init__(ctx=ctx, seed=job.seed if job else 0)
         self.spec = spec
+        self._replicated = False  # data parallel through `replicate` (the TP path)
 
     def setup(
         self,
@@ -25,8 +38,22 @@ class DDPStrategy(Strategy):
         *,
         build_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
     ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        tp = self.spec.tensor_parallel
+        mesh = build_mesh(self.ctx, tensor_parallel=tp) if tp > 1 else None
+        if mesh is not None:
+            apply_tensor_parallel(model, mesh["tp"])
+            self.data_rank, self.data_world_size = mesh["dp"].get_local_rank(), mesh["dp"].size()
+        apply_activation_checkpointing(model, self.spec.activation_checkpointing)
+        if self.spec.compile:
+            apply_compile(model)
+        if mesh is not None:  # also at dp=1: every parameter becomes a DTensor (one optimizer kind)
+            from torch.distributed._composable.replicate_with_fsdp import replicate
+
+            replicate(model, mesh=mesh["dp"])
+            self._replicated = True
+        materialize(model, device=self.ctx.device, seed=self.seed)
         model = model.to(self.ctx.device)
-        if self.ctx.world_size > 1:
+        if self.ctx.world_size > 1 and mesh is None:
             device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
             model = DistributedDataParallel(
                 model,
@@ -41,7 +68,10 @@ class DDPStrategy(Strategy):
 
     @contextlib.contextmanager
     def accumulate(self, sync: bool) -> Iterator[None]:
-        if sync or not isinstance(self.model, DistributedDataParallel):
+        if self._replicated:
+            self.model.set_requires_gradient_sync(sync)
+            yield
+        elif sync or not isinstance(self.model, DistributedDataParallel):
             yield
         else:
             with self.model.no_sync():

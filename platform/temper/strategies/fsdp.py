@@ -1,0 +1,79 @@
+"""FSDP2: `fully_shard` on every block and on the root; optionally on a 2-D (dp, tp) mesh
+after tensor parallelism. The model arrives on the meta device and is allocated and
+initialized only after sharding, so no rank ever holds the full model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from temper.runtime.context import DistContext
+from temper.spec.models import FSDPSpec, JobSpec
+from temper.strategies.base import Strategy
+from temper.strategies.init import materialize
+from temper.strategies.parallelize import (
+    apply_activation_checkpointing,
+    apply_compile,
+    apply_tensor_parallel,
+    build_mesh,
+)
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class FSDPStrategy(Strategy):
+    def __init__(self, spec: FSDPSpec, *, ctx: DistContext, job: JobSpec | None = None) -> None:
+        super().__init__(ctx=ctx, seed=job.seed if job else 0)
+        self.spec = spec
+        self.precision = job.train.precision if job else "fp32"
+
+    def _policies(self):
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy
+
+        param = self.spec.param_dtype
+        if param == "auto":
+            param = "bf16" if self.precision == "bf16" else "fp32"
+        mp = MixedPrecisionPolicy(
+            param_dtype=None if param == "fp32" else _DTYPES[param],
+            reduce_dtype=_DTYPES[self.spec.reduce_dtype],
+        )
+        pin = self.ctx.device.type == "cuda"
+        offload = CPUOffloadPolicy(pin_memory=pin) if self.spec.cpu_offload else OffloadPolicy()
+        return mp, offload
+
+    def setup(
+        self,
+        model: nn.Module,
+        *,
+        build_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+    ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = build_mesh(self.ctx, tensor_parallel=self.spec.tensor_parallel)
+        dp_mesh = mesh["dp"]
+        self.data_rank, self.data_world_size = dp_mesh.get_local_rank(), dp_mesh.size()
+        if self.spec.tensor_parallel > 1:
+            apply_tensor_parallel(model, mesh["tp"])
+        apply_activation_checkpointing(model, self.spec.activation_checkpointing)
+        if self.spec.compile:
+            apply_compile(model)
+        mp, offload = self._policies()
+        shard = dict(mesh=dp_mesh, reshard_after_forward=self.spec.reshard_after_forward,
+                     mp_policy=mp, offload_policy=offload)
+        for block in getattr(model, "blocks", []):
+            fully_shard(block, **shard)
+        fully_shard(model, **shard)
+        device = torch.device("cpu") if self.spec.cpu_offload else self.ctx.device
+        materialize(model, device=device, seed=self.seed)
+        self.model = model
+        self.optimizer = build_optimizer(model)
+        return self.model, self.optimizer
+
+    @contextlib.contextmanager
+    def accumulate(self, sync: bool) -> Iterator[None]:
+        self.model.set_requires_gradient_sync(sync)  # no reduce-scatter on non-final micro-steps
+        yield

@@ -1,0 +1,83 @@
+"""Deterministic initialization that does not depend on how the model is sharded.
+
+Every parameter is generated in full on the CPU from a generator seeded by
+(seed, parameter name), by the model's own rule (`model.init_parameter`), and each rank
+copies in the part it holds. So DDP, FSDP, ZeRO and tensor parallel start from bit-identical
+weights, and peak extra memory is one full parameter (the largest), never the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from temper.errors import TemperError
+
+_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+def param_seed(seed: int, name: str) -> int:
+    """A 63-bit generator seed that depends only on the job seed and the parameter name."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def clean_name(name: str) -> str:
+    """The parameter's name in the bare model (wrapper prefixes removed)."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def is_meta(model: nn.Module) -> bool:
+    return any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+
+
+@torch.no_grad()
+def apply_deterministic_init(model: nn.Module, *, seed: int) -> None:
+    """Initialize every parameter (full or a DTensor shard) from (seed, name); reset buffers."""
+    init = getattr(model, "init_parameter", None)
+    if init is None:
+        raise TemperError(
+            f"{type(model).__name__} has no init_parameter(name, tensor, generator=...); "
+            "models built on the meta device need one"
+        )
+    for name, param in model.named_parameters():  # tied parameters are listed once
+        name = clean_name(name)
+        full = torch.empty(param.shape, dtype=torch.float32)  # a DTensor's shape is global
+        init(name, full, generator=torch.Generator().manual_seed(param_seed(seed, name)))
+        if isinstance(param, DTensor):
+            local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+            param.to_local().copy_(local.to_local())
+        else:
+            param.copy_(full)
+    for module in model.modules():
+        if hasattr(module, "reset_running_stats"):  # BatchNorm statistics
+            module.reset_running_stats()
+
+
+def materialize(model: nn.Module, *, device: torch.device, seed: int) -> None:
+    """Allocate a meta-device model (already sharded, if it is) on `device` and initialize it.
+
+    A model that already holds real tensors keeps its weights.
+    """
+    if is_meta(model):
+        shared = _shared_parameters(model)
+        model.to_empty(device=device)
+        for (owner, attr), *others in shared:  # to_empty may give each user its own copy
+            for module, name in others:
+                setattr(module, name, getattr(owner, attr))
+        apply_deterministic_init(model, seed=seed)
+
+
+def _shared_parameters(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+    """Every parameter used by more than one (module, attribute), e.g. tied embeddings."""
+    users: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None:
+                users.setdefault(id(param), []).append((module, name))
+    return [refs for refs in users.values() if len(refs) > 1]
