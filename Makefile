@@ -37,6 +37,8 @@ test-all: venv
 bench: venv
 	$(BIN)/python benchmarks/loop_overhead.py
 	$(BIN)/python benchmarks/tracking_overhead.py
+	$(BIN)/python benchmarks/data_loader.py --http
+	$(BIN)/python benchmarks/strategy_memory.py
 
 lint: venv
 	$(BIN)/ruff check platform tests benchmarks

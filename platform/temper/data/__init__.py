@@ -9,7 +9,9 @@ TemperError on unusable data and returns warnings.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 from temper.data.base import DataBundle
 from temper.data.synthetic import build_synthetic_data
@@ -38,6 +40,22 @@ DATA_PREFLIGHTS: dict[str, Callable[[JobSpec], list[str]]] = {
 }
 
 
+def with_absolute_paths(spec: JobSpec, *, base: Path) -> JobSpec:
+    """`spec` with relative local shard paths made absolute against `base` (the directory
+    `temper run` ran in), so workers with another working directory find them."""
+    if spec.data.kind != "webdataset":
+        return spec
+
+    def absolute(value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = [p if "://" in p or os.path.isabs(p) else os.path.join(base, p) for p in value.split("::")]
+        return "::".join(parts)
+
+    data = spec.data.model_copy(update={"train": absolute(spec.data.train), "eval": absolute(spec.data.eval)})
+    return spec.model_copy(update={"data": data})
+
+
 def preflight_data(spec: JobSpec) -> list[str]:
     """Check the job's data before launching workers; returns warnings, raises TemperError."""
     check = DATA_PREFLIGHTS.get(spec.data.kind)
@@ -54,4 +72,4 @@ def build_data(spec: JobSpec, *, rank: int, world_size: int) -> DataBundle:
     return builder(spec, rank=rank, world_size=world_size)
 
 
-__all__ = ["DATA_BUILDERS", "DATA_PREFLIGHTS", "DataBundle", "build_data", "preflight_data"]
+__all__ = ["DATA_BUILDERS", "DATA_PREFLIGHTS", "DataBundle", "build_data", "preflight_data", "with_absolute_paths"]

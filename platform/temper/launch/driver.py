@@ -49,8 +49,9 @@ def build_launcher(name: str, *, address: str | None = None) -> Launcher:
 def run_job(spec: JobSpec, *, launcher: Launcher, workdir: Path) -> JobOutcome:
     """Run one job to the end and record it; re-raises KeyboardInterrupt after cleanup."""
     launcher.check(spec)
-    from temper.data import preflight_data
+    from temper.data import preflight_data, with_absolute_paths
 
+    spec = with_absolute_paths(spec, base=Path.cwd())
     for warning in preflight_data(spec):
         console.print(f"warning: {warning}", markup=False, style="yellow")
     handle = None
