@@ -11,10 +11,11 @@ venv: $(STAMP)
 
 # Re-install only when pyproject.toml changes. torch's range picks the local CPU wheel here;
 # on a GPU machine install your CUDA torch into .venv first and it is kept.
-$(STAMP): pyproject.toml
+# .ci/constraints.txt pins the tested set of every dependency but torch (see its header).
+$(STAMP): pyproject.toml .ci/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c .ci/constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 demo: venv
