@@ -21,13 +21,13 @@ import logging
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from itertools import islice
+from itertools import chain, islice
 from typing import Any
 
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from temper.data import io
-from temper.data.base import derive_seed
+from temper.data.base import derive_seed, seeded_generator
 from temper.data.decode import DecodeError, Decoder
 from temper.data.plan import EpochPlan, ReadSegment, ShardSlice, WorkerPlan, build_epoch_plan
 from temper.data.shards import ShardSet
@@ -53,6 +53,7 @@ class Bad:
 
 
 def _tar_samples(stream: Any, url: str) -> Iterator[dict[str, Any]]:
+    """The samples of one tar stream, through webdataset's own tar iterator and grouping."""
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
     return group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
@@ -72,16 +73,17 @@ def count_samples(url: str, *, options: io.IOOptions) -> int:
 def read_slice(shards: ShardSet, piece: ShardSlice, *, options: io.IOOptions) -> Iterator[dict[str, Any] | Bad]:
     """Exactly len(piece) items: the raw samples at offsets start..stop-1 of the shard, or a
     `Bad` for each one that could not be read (truncated or unreadable shard, wrong key)."""
-    url = shards.urls[piece.shard]
+    shard, start, stop = piece.shard, piece.start, piece.stop
+    url = shards.urls[shard]
+    expected_key = shards.expected_key if shards.key_prefix else None  # None: the manifest names no keys
     offset, reason = 0, None
     try:
-        with io.open_url(url, options=options, size=shards.nbytes[piece.shard]) as stream:
+        with io.open_url(url, options=options, size=shards.nbytes[shard]) as stream:
             for sample in _tar_samples(stream, url):
-                if offset >= piece.stop:
+                if offset >= stop:
                     break
-                if offset >= piece.start:
-                    want = shards.expected_key(piece.shard, offset)
-                    if want is not None and sample["__key__"] != want:
+                if offset >= start:
+                    if expected_key is not None and sample["__key__"] != (want := expected_key(shard, offset)):
                         raise TemperError(
                             f"data: shard {url} holds sample {sample['__key__']} at position {offset} "
                             f"but its manifest says {want}; the shard does not match the manifest: re-pack it"
@@ -180,39 +182,36 @@ class ShardStream(IterableDataset):
             cursor = EpochCursor(cursor.epoch + 1)
 
     def _batches(self, plan: WorkerPlan, *, epoch: int) -> Iterator[dict[str, Any]]:
-        reads = (item for piece in plan.slices for item in read_slice(self.shards, piece, options=self.options))
-        samples = self._substitute(self._decode(plan.deliver(reads), epoch=epoch), worker=plan.worker)
+        reads = chain.from_iterable(read_slice(self.shards, piece, options=self.options) for piece in plan.slices)
+        samples = self._samples(plan.deliver(reads), epoch=epoch, worker=plan.worker)
         while chunk := list(islice(samples, self.batch_size)):
             yield default_collate(chunk)
 
-    def _decode(self, items: Iterator[dict[str, Any] | Bad], *, epoch: int) -> Iterator[dict[str, Any] | Bad]:
+    def _samples(self, items: Iterator[dict[str, Any] | Bad], *, epoch: int, worker: int) -> Iterator[dict[str, Any]]:
+        """Each item decoded and transformed, in order; an item that is or becomes `Bad` (it
+        does not decode) raises (on_error=fail), or is replaced by a copy of the last good
+        sample, marked `__skipped__` (skip; before the first good one, by copies of that)."""
         transform = load_transform(self.transform)
-        for raw in items:
-            if isinstance(raw, Bad):
-                yield raw
-                continue
-            try:
-                sample = self.decoder(raw)
-            except DecodeError as e:
-                yield Bad(raw.get("__url__", "?"), raw["__key__"], str(e))
-                continue
-            if transform is not None:
-                sample = transform(sample, random.Random(derive_seed(self.seed, epoch, raw["__key__"])))
-            sample["__key__"] = raw["__key__"]
-            sample["__skipped__"] = 0
-            yield sample
-
-    def _substitute(self, items: Iterator[dict[str, Any] | Bad], *, worker: int) -> Iterator[dict[str, Any]]:
+        decoder, fail = self.decoder, self.on_error == "fail"
         last_good, pending, skipped = None, 0, 0
         for item in items:
             if not isinstance(item, Bad):
-                last_good = item
-                for _ in range(pending):
-                    yield {**item, "__skipped__": 1}
-                pending = 0
-                yield item
-                continue
-            if self.on_error == "fail":
+                try:
+                    sample = decoder(item)
+                except DecodeError as e:
+                    item = Bad(item.get("__url__", "?"), item["__key__"], str(e))
+                else:
+                    if transform is not None:
+                        sample = transform(sample, random.Random(derive_seed(self.seed, epoch, item["__key__"])))
+                    sample["__key__"] = item["__key__"]
+                    sample["__skipped__"] = 0
+                    last_good = sample
+                    for _ in range(pending):
+                        yield {**sample, "__skipped__": 1}
+                    pending = 0
+                    yield sample
+                    continue
+            if fail:
                 raise item.error()
             skipped += 1
             if skipped <= WARN_FIRST or skipped % 100 == 0:
@@ -229,13 +228,23 @@ class ShardStream(IterableDataset):
             )
 
 
+def _as_collated(batch: dict[str, Any]) -> dict[str, Any]:
+    return batch
+
+
 def build_loader(stream: ShardStream, *, num_workers: int, pin_memory: bool, prefetch_factor: int,
                  persistent: bool = False) -> DataLoader:
-    """A DataLoader over already-collated batches (the workers batch)."""
+    """A DataLoader over already-collated batches (the workers batch). Its collate_fn passes
+    them on as they are: the default (`default_convert`, for un-batched items) would only
+    rebuild every list and dict of a batch that `default_collate` already made, one call per
+    element (per sample, for string and bytes fields). It has a generator of its own: a
+    DataLoader iterator otherwise draws its seed from the global torch RNG, which would shift
+    the training's dropout masks after a resume."""
     return DataLoader(
         stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
         prefetch_factor=prefetch_factor if num_workers else None,
-        persistent_workers=persistent and num_workers > 0,
+        persistent_workers=persistent and num_workers > 0, collate_fn=_as_collated,
+        generator=seeded_generator(stream.seed, "loader"),
     )
 
 
