@@ -40,6 +40,7 @@ bench: venv
 	$(BIN)/python benchmarks/tracking_overhead.py
 	$(BIN)/python benchmarks/data_loader.py --http
 	$(BIN)/python benchmarks/strategy_memory.py
+	$(BIN)/python benchmarks/checkpoint_save.py
 
 lint: venv
 	$(BIN)/ruff check platform tests benchmarks

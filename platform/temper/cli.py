@@ -43,14 +43,26 @@ def run(
     address: Annotated[
         str | None, typer.Option(help="Join this Ray cluster (else $RAY_ADDRESS, else a local Ray).")
     ] = None,
+    resume: Annotated[
+        str | None, typer.Option(help="Continue this run: an MLflow run id, or a run's checkpoint "
+                                      "folder (default: the newest unfinished run in checkpoint.dir).")
+    ] = None,
+    no_resume: Annotated[
+        bool, typer.Option("--no-resume", help="Start a new run even if an unfinished one exists.")
+    ] = False,
 ) -> None:
-    """Train the job: start the workers, record the run in MLflow, wait for the end."""
+    """Train the job: start the workers, record the run in MLflow, wait for the end.
+
+    Running the same job again resumes its newest unfinished run from the last committed
+    checkpoint (same MLflow run, same data position)."""
     from temper.launch import build_launcher, run_job
     from temper.spec import load_spec
 
+    if resume and no_resume:
+        raise TemperError("--resume and --no-resume exclude each other; pass one")
     spec = load_spec(job, set_ or [])
     chosen = build_launcher(launcher, address=address)
-    outcome = run_job(spec, launcher=chosen, workdir=Path.cwd())
+    outcome = run_job(spec, launcher=chosen, workdir=Path.cwd(), resume=resume, no_resume=no_resume)
     m = outcome.result.metrics
     summary = [f"finished {spec.name}: {outcome.result.steps or spec.train.max_steps} steps"]
     for key in ("train/loss", "val/loss", "val/acc", "perf/samples_per_s"):
@@ -59,6 +71,25 @@ def run(
     console.print("  ".join(summary))
     if outcome.run_id:
         console.print(f"MLflow run {outcome.run_id} ({outcome.tracking_uri})")
+
+
+@app.command()
+def export(
+    source: Annotated[str, typer.Argument(help="An MLflow run id, a run's checkpoint folder, or one "
+                                               "checkpoint (step) folder.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write.")] = Path("exported"),
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="Where to look up a run id (else $MLFLOW_TRACKING_URI, else ./mlflow.db).")
+    ] = None,
+    register: Annotated[
+        str | None, typer.Option(help="Also log the folder to the run and register it as a version "
+                                      "of this MLflow model name.")
+    ] = None,
+) -> None:
+    """Write consolidated weights (model.safetensors) and the model config (config.json)."""
+    from temper.launch.export import export_command
+
+    export_command(source, out=out, tracking_uri=tracking_uri, register=register)
 
 
 @app.command()

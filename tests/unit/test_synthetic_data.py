@@ -199,7 +199,7 @@ def test_every_rank_gets_the_same_number_of_full_batches(n: int, world: int, bat
         assert bundle.batches_per_epoch == expected
         got = indices(take(bundle.train_batches(), 2 * expected))
         assert all(len(x) == batch for x in got)
-        assert bundle.state_dict() == {"epoch": 2, "batch_in_epoch": 0}
+        assert bundle.state_dict() == {"kind": "synthetic", "epoch": 2, "samples_in_epoch": 0}
         seen[0] += sum(got[:expected], [])
         seen[1] += sum(got[expected:], [])
     for epoch, got in enumerate(seen):
@@ -222,7 +222,7 @@ def test_epochs_reshuffle_and_continue_forever() -> None:
     epochs = [sum(got[i:i + 3], []) for i in (0, 3, 6)]
     assert all(sorted(e) == list(range(12)) for e in epochs)
     assert epochs[0] != epochs[1] != epochs[2]
-    assert bundle.state_dict() == {"epoch": 3, "batch_in_epoch": 0}
+    assert bundle.state_dict() == {"kind": "synthetic", "epoch": 3, "samples_in_epoch": 0}
 
 
 def test_resume_from_state_dict_continues_the_same_stream() -> None:
@@ -230,12 +230,28 @@ def test_resume_from_state_dict_continues_the_same_stream() -> None:
     first = index_bundle(30, rank=1, world=2, batch=4)
     head = indices(take(first.train_batches(), 5))
     state = first.state_dict()
-    assert state == {"epoch": 1, "batch_in_epoch": 2}  # 15 per rank -> 3 batches per epoch
+    # 15 per rank -> 3 batches per epoch; 2 batches x 4 samples x 2 ranks into epoch 1
+    assert state == {"kind": "synthetic", "epoch": 1, "samples_in_epoch": 16}
     resumed = index_bundle(30, rank=1, world=2, batch=4)
     resumed.load_state_dict(state)
     assert head + indices(take(resumed.train_batches(), 5)) == reference
-    with pytest.raises(TemperError, match="batch_in_epoch"):
-        resumed.load_state_dict({"epoch": 0, "batch_in_epoch": 3})
+    with pytest.raises(TemperError, match="not 'synthetic'"):
+        resumed.load_state_dict({"kind": "webdataset", "epoch": 0})
+
+
+def test_resume_on_another_world_size_with_the_same_global_batch() -> None:
+    """2 ranks x 4 -> 1 rank x 8: the samples of every later step are the same set."""
+    two = [index_bundle(40, rank=r, world=2, batch=4) for r in range(2)]
+    streams = [two[r].train_batches() for r in range(2)]
+    for _ in range(3):  # 3 steps on 2 ranks
+        for s in streams:
+            next(s)
+    one = index_bundle(40, rank=0, world=1, batch=8)
+    one.load_state_dict(two[0].state_dict())
+    after_resume = indices(take(one.train_batches(), 4))
+    uninterrupted = [index_bundle(40, rank=r, world=2, batch=4) for r in range(2)]
+    per_rank = [indices(take(b.train_batches(), 7))[3:] for b in uninterrupted]
+    assert [sorted(x) for x in after_resume] == [sorted(a + b) for a, b in zip(*per_rank, strict=True)]
 
 
 def test_workers_yield_the_same_batches_as_the_main_process() -> None:

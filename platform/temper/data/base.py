@@ -9,12 +9,15 @@ ranks at step k is perm[k*b*W:(k+1)*b*W]: a function of (seed, step, W, b) only.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from temper.errors import TemperError
+
+log = logging.getLogger(__name__)
 
 
 def derive_seed(*parts: object) -> int:
@@ -93,9 +96,12 @@ class DataBundle:
         return self.eval is not None
 
     def _loader(self, dataset: Dataset, batch_sampler: Iterable[list[int]]) -> DataLoader:
+        # Its own generator: a DataLoader iterator otherwise draws its seed from the global
+        # torch RNG, which would shift dropout masks after a resume (see runtime/checkpointing).
         return DataLoader(
             dataset, batch_sampler=batch_sampler, num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            generator=seeded_generator(self.seed, "loader", self.rank),
         )
 
     def train_batches(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -129,17 +135,29 @@ class DataBundle:
             self._eval_loader = self._loader(self.eval, self.eval_index_batches())
         return self._eval_loader
 
-    def state_dict(self) -> dict[str, int]:
-        """Position of the next train batch, for checkpoints."""
-        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+    def state_dict(self) -> dict[str, int | str]:
+        """Position of the next train batch, for checkpoints: samples consumed in the epoch
+        over all ranks, so a resume on another world size continues at the same place."""
+        samples = self.batch_in_epoch * self.micro_batch_size * self.world_size
+        return {"kind": "synthetic", "epoch": self.epoch, "samples_in_epoch": samples}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Resume: the next `train_batches()` starts at this position."""
-        epoch, batch = int(state["epoch"]), int(state["batch_in_epoch"])
-        if epoch < 0 or not 0 <= batch < self.batches_per_epoch:
-            raise TemperError(
-                f"data state epoch={epoch} batch_in_epoch={batch} is out of range "
-                f"(batches_per_epoch={self.batches_per_epoch}); the checkpoint was written "
-                "with a different data.num_samples, train.micro_batch_size or worker count"
-            )
+    def load_state_dict(self, state: dict[str, int | str]) -> None:
+        """Resume: the next `train_batches()` starts at this position. The union of the
+        samples at a step depends only on the global batch (see the module docstring), so a
+        resume with the same global batch on another world size reads exactly what an
+        uninterrupted run would; another global batch restarts at the batch boundary below."""
+        if state.get("kind") != "synthetic":
+            raise TemperError(f"data state is for data.kind {state.get('kind')!r}, not 'synthetic'; "
+                              "resume with the data the checkpoint was written with")
+        epoch, samples = int(state["epoch"]), int(state["samples_in_epoch"])
+        per_batch = self.micro_batch_size * self.world_size
+        batch = samples // per_batch
+        if epoch < 0 or samples < 0:
+            raise TemperError(f"data state epoch={epoch} samples_in_epoch={samples} is out of range; "
+                              "the checkpoint is damaged")
+        if samples % per_batch:
+            log.warning("data: resuming %d samples into epoch %d with a global micro-batch of %d: "
+                        "restarting at sample %d", samples, epoch, per_batch, batch * per_batch)
+        if batch >= self.batches_per_epoch:
+            epoch, batch = epoch + 1, 0
         self.epoch, self.batch_in_epoch = epoch, batch

@@ -1,7 +1,9 @@
 """The driver: one job from spec to finished MLflow run.
 
     run_job(spec, launcher=...)
-      create the MLflow run (params, spec.yaml, tags)  -> run_info for the workers
+      decide: a new run, or the run to resume (launch/resume.py)
+      create the MLflow run (params, spec.yaml, tags), or reopen the resumed one
+                                                        -> run_info for the workers
       launcher.launch(job)                              -> rank 0's result
       end the run FINISHED / FAILED (with the error) / KILLED (Ctrl-C)
 """
@@ -46,21 +48,24 @@ def build_launcher(name: str, *, address: str | None = None) -> Launcher:
     raise TemperError(f"--launcher {name!r} is not known; accepted: ray, torchrun, inprocess")
 
 
-def run_job(spec: JobSpec, *, launcher: Launcher, workdir: Path) -> JobOutcome:
+def run_job(spec: JobSpec, *, launcher: Launcher, workdir: Path, resume: str | None = None,
+            no_resume: bool = False) -> JobOutcome:
     """Run one job to the end and record it; re-raises KeyboardInterrupt after cleanup."""
     launcher.check(spec)
     from temper.data import preflight_data, with_absolute_paths
+    from temper.launch.resume import new_local_run_id, plan_resume
 
     spec = with_absolute_paths(spec, base=Path.cwd())
     for warning in preflight_data(spec):
         console.print(f"warning: {warning}", markup=False, style="yellow")
-    handle = None
-    if spec.tracking.enabled:
-        from temper.tracking import start_run
-
-        handle = start_run(spec, launcher=launcher.name, workdir=workdir)
-        _announce(handle)
-    run_info = {"run_id": handle.run_id, "tracking_uri": handle.tracking_uri} if handle else None
+    plan = plan_resume(spec, workdir=workdir, resume=resume, no_resume=no_resume)
+    if plan.note:
+        console.print(plan.note, markup=False)
+    handle = _open_run(spec, plan=plan, launcher=launcher.name, workdir=workdir)
+    run_id = handle.run_id if handle else (plan.run_id or new_local_run_id())
+    run_info = {"run_id": handle.run_id, "tracking_uri": handle.tracking_uri} if handle else {"run_id": None}
+    if spec.checkpoint.enabled:
+        run_info["checkpoint_dir"] = plan.run_dir(plan.run_id or run_id)  # a resumed run keeps its folder
     job = Job(spec=spec, spec_json=spec_to_json(spec), run_info=run_info, workdir=workdir)
     status, error = "FAILED", None
     try:
@@ -85,6 +90,23 @@ def run_job(spec: JobSpec, *, launcher: Launcher, workdir: Path) -> JobOutcome:
             end_run(handle, status=status, error=error)
     return JobOutcome(result=result, run_id=handle.run_id if handle else None,
                       tracking_uri=handle.tracking_uri if handle else None)
+
+
+def _open_run(spec: JobSpec, *, plan, launcher: str, workdir: Path):
+    """The job's MLflow run: the resumed one reopened, or a new one (None: tracking off)."""
+    if not spec.tracking.enabled:
+        return None
+    from temper.tracking import start_run
+    from temper.tracking.runs import continue_run
+
+    if plan.run_id is not None and not plan.run_id.startswith("local-"):
+        handle = continue_run(spec, run_id=plan.run_id, workdir=workdir)
+    else:
+        handle = start_run(spec, launcher=launcher, workdir=workdir,
+                           extra_tags={"temper.checkpoint_dir": plan.run_dir("<run id>")}
+                           if spec.checkpoint.enabled else None)
+    _announce(handle)
+    return handle
 
 
 def _announce(handle) -> None:

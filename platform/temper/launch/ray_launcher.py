@@ -22,6 +22,8 @@ from temper.launch.base import STOP_GRACE_S, Job, Launcher, LaunchResult
 FORWARDED_ENV = (
     "TEMPER_LOG_LEVEL", "TEMPER_PEAK_TFLOPS", "MLFLOW_TRACKING_USERNAME",
     "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_INSECURE_TLS",
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3",
+    "TEMPER_FAULT", "TEMPER_FAULT_ONCE",  # fault injection (temper.runtime.faults)
 )
 
 
@@ -97,7 +99,7 @@ class RayLauncher(Launcher):
             )
 
     def _trainer(self, job: Job, sink: Any):
-        from ray.train import LoggingConfig, RunConfig, ScalingConfig
+        from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
         from temper.runtime.entry import ray_train_loop
@@ -109,12 +111,15 @@ class RayLauncher(Launcher):
         return TorchTrainer(
             ray_train_loop,
             train_loop_config={**job.payload(), "progress_sink": sink},
-            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo",
+                                     timeout_s=int(job.spec.fault.collective_timeout_s)),
             scaling_config=ScalingConfig(num_workers=r.workers, use_gpu=use_gpu,
                                          resources_per_worker=resources),
             run_config=RunConfig(
-                name=f"{job.spec.name}-{(job.run_info or {}).get('run_id', 'norun')[:8]}",
+                name=f"{job.spec.name}-{((job.run_info or {}).get('run_id') or 'norun')[:8]}",
                 storage_path=storage,
+                # A failed worker restarts the whole group; it resumes from the last checkpoint.
+                failure_config=FailureConfig(max_failures=job.spec.fault.max_failures),
                 # Ray Train's own INFO lines (worker group start etc.) only when asked for.
                 logging_config=LoggingConfig(log_level=os.environ.get("TEMPER_LOG_LEVEL", "WARNING").upper()),
             ),

@@ -31,6 +31,8 @@ class TorchrunLauncher(Launcher):
         return [
             sys.executable, "-m", "torch.distributed.run",
             "--standalone", "--nnodes=1", f"--nproc-per-node={job.spec.resources.workers}",
+            # fault.max_failures: torchrun restarts the workers, which resume from the last checkpoint
+            f"--max-restarts={job.spec.fault.max_failures}",
             "-m", "temper.runtime.entry",
             "--job-file", str(job_file), "--result-file", str(result_file),
         ]
@@ -41,7 +43,11 @@ class TorchrunLauncher(Launcher):
             job_file, result_file = tmpdir / "job.json", tmpdir / "result.json"
             job_file.write_text(json.dumps(job.payload()))
             env = {**os.environ, "TEMPER_ERROR_DIR": str(tmpdir), "OMP_NUM_THREADS": "1",
-                   STOP_FILE_ENV: str(tmpdir / "stop")}
+                   STOP_FILE_ENV: str(tmpdir / "stop"),
+                   # A fresh rendezvous store per restart: with torchrun's shared store, a
+                   # restarted group read the previous attempt's gloo addresses and could not
+                   # connect (fault.max_failures; seen with torch 2.13).
+                   "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
             # A session of its own: the terminal's Ctrl-C reaches the driver only, which
             # then stops the workers gracefully (they flush their metrics) via the stop file.
             self._proc = subprocess.Popen(
@@ -82,9 +88,15 @@ class TorchrunLauncher(Launcher):
 
 
 def _root_cause(tmpdir: Path, code: int) -> str:
-    """The first failing rank's error, as written by the worker entry."""
-    errors = sorted(tmpdir.glob("error-rank*.json"), key=lambda p: p.stat().st_mtime)
-    if errors:
-        first = json.loads(errors[0].read_text())
-        return f"rank {first['rank']}: {first['error']}"
-    return f"torchrun exited with code {code}; see the worker output above"
+    """The original cause: the first failing rank's error in the first failed attempt (with
+    restarts, later attempts may fail differently, e.g. on a peer that is already gone)."""
+    errors = [json.loads(p.read_text()) | {"mtime": p.stat().st_mtime} for p in tmpdir.glob("error-*.json")]
+    if not errors:
+        return f"torchrun exited with code {code}; see the worker output above"
+    errors.sort(key=lambda e: (e.get("attempt", 0), e["mtime"]))
+    first, last = errors[0], errors[-1]
+    text = f"rank {first['rank']}: {first['error']}"
+    if last.get("attempt", 0) > first.get("attempt", 0):
+        text += (f" (the workers were restarted {last['attempt']} time(s), fault.max_failures; "
+                 f"the last attempt failed with rank {last['rank']}: {last['error'][:300]})")
+    return text

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from temper.console import ProgressDisplay
+from temper.errors import TemperError
 from temper.runtime.context import build_dist_context
 from temper.runtime.loop import TrainResult, train
 from temper.runtime.report import Reporter
@@ -42,7 +43,7 @@ def setup_logging() -> None:
 def run_worker(spec_json: str, run_info: dict | None, *, reporter: Reporter | None = None) -> TrainResult:
     """Rebuild the spec, join the process group, and train. Every rank calls this."""
     spec = spec_from_json(spec_json)
-    ctx = build_dist_context(device=spec.train.device)
+    ctx = build_dist_context(device=spec.train.device, timeout_s=spec.fault.collective_timeout_s)
     if ctx.device.type == "cpu":
         # As many intra-op threads as CPUs reserved: every launcher computes identically.
         torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
@@ -51,6 +52,14 @@ def run_worker(spec_json: str, run_info: dict | None, *, reporter: Reporter | No
         reporter = Reporter(display)
     try:
         return train(spec, ctx, run_info=run_info, reporter=reporter)
+    except RuntimeError as e:
+        if "timed out" in str(e).lower() or "timeout" in str(e).lower():
+            raise TemperError(
+                f"rank {ctx.rank}: a collective waited longer than fault.collective_timeout_s="
+                f"{spec.fault.collective_timeout_s:g}s (a peer stalled or died: {str(e).splitlines()[0][:200]}); "
+                "check the other ranks' logs, or raise fault.collective_timeout_s"
+            ) from e
+        raise
     finally:
         reporter.close()
         ctx.close()
@@ -110,8 +119,10 @@ def _write_error(error: BaseException) -> None:
     if not folder or isinstance(error, KeyboardInterrupt):
         return
     rank = os.environ.get("RANK", "0")
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))  # torchrun's restarts
     message = f"{type(error).__name__}: {error}".splitlines()[0]
-    Path(folder, f"error-rank{rank}.json").write_text(json.dumps({"rank": rank, "error": message}))
+    Path(folder, f"error-attempt{attempt}-rank{rank}.json").write_text(
+        json.dumps({"rank": rank, "attempt": attempt, "error": message}))
 
 
 if __name__ == "__main__":

@@ -3,10 +3,13 @@
     train(spec, ctx)
       build model (meta device) -> objective -> strategy.setup(model, optimizer)
       -> LR schedule -> data (this rank's share) -> tracker (rank 0 only logs)
-      for step in range(max_steps):
+      -> resume from the run's newest committed checkpoint, if any
+      for step in range(resumed_step + 1, max_steps + 1):
           grad_accum micro-steps (gradient sync only on the last one)
-          clip by global norm -> optimizer step -> schedule step
-          every log_every: all-reduce the window's metrics, log, show progress
+          clip by global norm -> optimizer step (skipped on NaN with on_nan=skip) -> schedule step
+          every log_every (and at checkpoints): all-reduce the window's metrics, check they
+              are finite, log, show progress
+          every checkpoint.every_steps, at the end and when asked to stop: save a checkpoint
           every eval_every (and at the end): evaluate on the held-out split
 """
 
@@ -24,7 +27,9 @@ from temper.data import build_data
 from temper.models import build_model
 from temper.objectives import build_objective
 from temper.objectives.base import Objective
+from temper.runtime.checkpointing import CheckpointKeeper
 from temper.runtime.context import DistContext
+from temper.runtime.faults import Fault, fault_from_env
 from temper.runtime.optim import build_optimizer, build_scheduler
 from temper.runtime.perf import PerfMeter, peak_flops
 from temper.runtime.report import Reporter
@@ -43,6 +48,17 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)
     loss_history: list[tuple[int, float]] = field(default_factory=list)
     stopped: bool = False  # the driver asked to stop (Ctrl-C) before max_steps
+    resumed_from: int | None = None  # the checkpoint step this run continued from
+    checkpoint_step: int | None = None  # the last checkpoint saved (committed once the run ends)
+    skipped_steps: int = 0  # optimizer steps skipped for a NaN/Inf loss (train.on_nan=skip)
+
+
+@dataclass
+class _Skips:
+    """Optimizer steps skipped for NaN/Inf under train.on_nan=skip."""
+
+    consecutive: int = 0
+    total: int = 0
 
 
 @dataclass
@@ -82,6 +98,14 @@ def train(
     torch.manual_seed(spec.seed + 1 + strategy.data_rank)  # dropout differs per replica, reproducibly
     data = build_data(spec, rank=strategy.data_rank, world_size=strategy.data_world_size)
     tracker = build_tracker(run_info, rank=ctx.rank, spec=spec)
+    keeper = _keeper(spec, ctx=ctx, run_info=run_info)
+    result = TrainResult(steps=0)
+    if keeper is not None:
+        resumed = keeper.restore(strategy=strategy, scheduler=scheduler, data=data, tracker=tracker)
+        if resumed is not None:
+            result.steps = result.resumed_from = resumed.step
+            tracker.set_tags({"temper.resumed_from": resumed.path})
+            log.warning("resumed from %s at step %d", resumed.path, resumed.step)
     perf = PerfMeter(
         device=ctx.device,
         world_size=ctx.world_size,
@@ -89,47 +113,67 @@ def train(
         flops_per_sample=flops_per_sample,
         peak_flops_per_device=peak_flops(ctx.device, spec.train.precision),
     )
-    result = TrainResult(steps=0)
     try:
         _run_steps(
             spec=spec, ctx=ctx, strategy=strategy, objective=objective, scheduler=scheduler,
-            data=data, tracker=tracker, perf=perf, reporter=reporter, result=result,
+            data=data, tracker=tracker, perf=perf, reporter=reporter, result=result, keeper=keeper,
         )
+        if keeper is not None:
+            keeper.close()  # an async save in flight is committed before the run ends
     finally:
         tracker.close()
         strategy.close()
     return result
 
 
-def _run_steps(*, spec, ctx, strategy, objective, scheduler, data, tracker, perf, reporter, result):
-    """The step loop: train, log every `log_every`, evaluate every `eval_every` and at the end."""
-    t = spec.train
+def _keeper(spec: JobSpec, *, ctx: DistContext, run_info: dict | None) -> CheckpointKeeper | None:
+    """Checkpointing needs the folder the launcher chose for this run (tests may train without)."""
+    if not spec.checkpoint.enabled or not (run_info or {}).get("checkpoint_dir"):
+        return None
+    return CheckpointKeeper(spec=spec, ctx=ctx, run_info=run_info)
+
+
+def _run_steps(*, spec, ctx, strategy, objective, scheduler, data, tracker, perf, reporter, result, keeper):
+    """The step loop: train; log every `log_every`; checkpoint every `checkpoint.every_steps`,
+    at the end and on a stop request; evaluate every `eval_every` and at the end."""
+    t, every = spec.train, spec.checkpoint.every_steps
     batches = data.train_batches()
     window = _Window.empty(ctx.device)
     autocast = _autocast_factory(spec, ctx)
+    fault = fault_from_env()
+    skips = _Skips()
     strategy.model.train()
-    for step in range(1, t.max_steps + 1):
+    for step in range(result.steps + 1, t.max_steps + 1):
+        if fault is not None:
+            fault.before_step(step=step, rank=ctx.rank)
         lr = scheduler.get_last_lr()[0]
         samples, tokens = _train_step(
             strategy=strategy, objective=objective, batches=batches, ctx=ctx, spec=spec,
-            window=window, autocast=autocast,
+            window=window, autocast=autocast, step=step, fault=fault, skips=skips,
         )
         scheduler.step()
         perf.tick(samples=samples, tokens=tokens)
         last = step == t.max_steps
-        if step % t.log_every == 0 or last:
+        save = keeper is not None and (last or (every and step % every == 0))
+        if step % t.log_every == 0 or last or save:
             stop = ctx.is_main and not last and reporter.should_stop()
             metrics, result.stopped = _close_window(window, ctx=ctx, perf=perf, stop=stop,
                                                     skipped=getattr(data, "skipped", None),
                                                     replicas=strategy.data_world_size)
             metrics["train/lr"] = lr
-            _check_finite(metrics["train/loss"], step=step)
+            _check_finite(metrics["train/loss"], step=step)  # before any checkpoint of this window
+            if t.on_nan == "skip":
+                metrics["train/skipped_steps"] = result.skipped_steps = skips.total
             result.loss_history.append((step, metrics["train/loss"]))
             result.metrics.update(metrics)
             tracker.log_metrics(metrics, step=step)
             reporter.progress({"step": step, "max_steps": t.max_steps, **metrics})
             window = _Window.empty(ctx.device)
         result.steps = step
+        if keeper is not None and (save or result.stopped):
+            blocked = keeper.save(step=step, strategy=strategy, scheduler=scheduler, data=data, tracker=tracker)
+            result.checkpoint_step = step
+            tracker.log_metrics({"perf/ckpt_block_s": blocked}, step=step)
         if result.stopped:  # every rank saw the flag in the same all-reduce: stop together
             log.warning("stopping at step %d: the driver asked to stop", step)
             return
@@ -141,26 +185,55 @@ def _run_steps(*, spec, ctx, strategy, objective, scheduler, data, tracker, perf
 
 
 def _train_step(*, strategy: Strategy, objective: Objective, batches: Iterator, ctx: DistContext,
-                spec: JobSpec, window: _Window, autocast) -> tuple[int, int]:
-    """One optimizer step over `grad_accum` micro-batches; returns this rank's samples, tokens."""
+                spec: JobSpec, window: _Window, autocast, step: int, fault: Fault | None,
+                skips: _Skips) -> tuple[int, int]:
+    """One optimizer step over `grad_accum` micro-batches; returns this rank's samples, tokens.
+    With on_nan=skip a step whose loss or gradient norm is not finite on any rank updates
+    nothing (every rank decides alike) and does not enter the window's averages."""
     accum = spec.train.grad_accum
     samples = tokens = 0
+    loss_sum = torch.zeros((), device=ctx.device)
+    step_metrics: dict[str, torch.Tensor] = {}
     for micro in range(accum):
         batch = _to_device(next(batches), ctx.device)
         with strategy.accumulate(sync=micro == accum - 1):
             with autocast():
                 out = objective(strategy.model, batch)
-            strategy.backward(out.loss / accum)
-        window.loss += out.loss.detach() / accum
+            loss = out.loss if fault is None else fault.poison(out.loss, step=step, rank=ctx.rank)
+            strategy.backward(loss / accum)
+        loss_sum += loss.detach().float() / accum
         for name, value in out.metrics.items():
             key = f"train/{name}"
-            window.metrics[key] = window.metrics.get(key, 0.0) + value.detach().float() / accum
+            step_metrics[key] = step_metrics.get(key, 0.0) + value.detach().float() / accum
         samples += out.num_samples
         tokens += out.num_tokens
-    window.grad_norm += strategy.clip_grad_norm(spec.optim.grad_clip).detach().float()
+    grad_norm = strategy.clip_grad_norm(spec.optim.grad_clip).detach().float()
+    if spec.train.on_nan == "skip" and not _finite_everywhere(ctx, loss_sum, grad_norm):
+        strategy.optimizer.zero_grad(set_to_none=True)
+        skips.consecutive += 1
+        skips.total += 1
+        log.warning("step %d: loss or gradient is not finite; optimizer step skipped (train.on_nan=skip, "
+                    "%d in a row)", step, skips.consecutive)
+        if skips.consecutive > spec.train.max_nan_skips:
+            raise FloatingPointError(
+                f"train/loss or the gradient norm was NaN/Inf for {skips.consecutive} consecutive steps up to "
+                f"step {step} (train.max_nan_skips={spec.train.max_nan_skips}); lower optim.lr or check the data"
+            )
+        return samples, tokens
+    skips.consecutive = 0
+    window.loss += loss_sum
+    window.grad_norm += grad_norm
+    for key, value in step_metrics.items():
+        window.metrics[key] = window.metrics.get(key, 0.0) + value
     strategy.step()
     window.steps += 1
     return samples, tokens
+
+
+def _finite_everywhere(ctx: DistContext, *values: torch.Tensor) -> bool:
+    """True when every value is finite on every rank (one tiny all-reduce)."""
+    bad = torch.stack([(~torch.isfinite(v)).any().float() for v in values]).sum()
+    return ctx.all_reduce_mean(bad.reshape(1)).item() == 0
 
 
 def _close_window(window: _Window, *, ctx: DistContext, perf: PerfMeter, stop: bool,

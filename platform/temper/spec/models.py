@@ -237,6 +237,14 @@ class TrainSpec(_Spec):
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto", description="auto: cuda when the worker has a GPU, else cpu."
     )
+    on_nan: Literal["stop", "skip"] = Field(
+        default="stop",
+        description="NaN/Inf loss or gradient: stop (error naming the step; no NaN checkpoint is "
+        "written) or skip that optimizer step (costs one small all-reduce per step).",
+    )
+    max_nan_skips: int = Field(
+        default=5, ge=1, description="on_nan=skip: fail after this many consecutive skipped steps."
+    )
 
 
 class ResourcesSpec(_Spec):
@@ -245,6 +253,38 @@ class ResourcesSpec(_Spec):
     workers: int = Field(default=1, ge=1, description="Training processes (ranks).")
     gpus_per_worker: float = Field(default=0, ge=0, description="GPUs per worker (0: CPU).")
     cpus_per_worker: float = Field(default=1, gt=0, description="CPUs Ray reserves per worker.")
+
+
+class CheckpointSpec(_Spec):
+    """Sharded checkpoints: where, how often, how many; resume is automatic (see docs/checkpoints.md)."""
+
+    enabled: bool = Field(default=True, description="false: never save or resume.")
+    dir: str | None = Field(
+        default=None,
+        description="Root folder or URL (s3://bucket/prefix) shared by all workers; each run writes "
+        "<dir>/<run id>/step-N. Default: temper-runs/<name> where `temper run` runs.",
+    )
+    every_steps: int = Field(default=0, ge=0, description="Save every N steps (0: only at the end).")
+    keep_last: int = Field(default=3, ge=1, description="Committed checkpoints kept per run.")
+    async_save: bool = Field(
+        default=False, description="Write files in the background while training continues (DCP only)."
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None, description="S3-compatible store for an s3:// dir; else $AWS_ENDPOINT_URL_S3."
+    )
+
+
+class FaultSpec(_Spec):
+    """What happens when a worker dies or a collective hangs."""
+
+    max_failures: int = Field(
+        default=0, ge=0,
+        description="Restarts of the worker group after a worker failure (Ray FailureConfig, "
+        "torchrun --max-restarts); each restart resumes from the last committed checkpoint.",
+    )
+    collective_timeout_s: float = Field(
+        default=1800.0, gt=0, description="A collective waiting longer than this fails the job."
+    )
 
 
 class TrackingSpec(_Spec):
@@ -275,6 +315,8 @@ class JobSpec(_Spec):
     optim: OptimSpec = OptimSpec()
     train: TrainSpec = TrainSpec()
     resources: ResourcesSpec = ResourcesSpec()
+    checkpoint: CheckpointSpec = CheckpointSpec()
+    fault: FaultSpec = FaultSpec()
     tracking: TrackingSpec = TrackingSpec()
 
     @model_validator(mode="before")
@@ -317,6 +359,22 @@ class JobSpec(_Spec):
             raise ValueError(
                 "train.device is 'cpu' but resources.gpus_per_worker > 0 reserves GPUs it "
                 "will not use; set resources.gpus_per_worker=0 or train.device=auto"
+            )
+        if self.train.on_nan == "skip" and self.strategy.kind == "deepspeed":
+            raise ValueError(
+                "train.on_nan 'skip' cannot be used with strategy.kind 'deepspeed' (its engine owns "
+                "the optimizer step); use train.on_nan=stop"
+            )
+        if self.checkpoint.async_save and self.strategy.kind == "deepspeed":
+            raise ValueError(
+                "checkpoint.async_save cannot be used with strategy.kind 'deepspeed' (DeepSpeed saves "
+                "synchronously); set checkpoint.async_save=false"
+            )
+        if (self.strategy.kind == "deepspeed" and self.checkpoint.dir
+                and "://" in self.checkpoint.dir and not self.checkpoint.dir.startswith("file://")):
+            raise ValueError(
+                f"checkpoint.dir '{self.checkpoint.dir}': DeepSpeed writes checkpoints to a file "
+                "system only; use a shared mount (NFS, FSx, a PVC) or strategy.kind=fsdp"
             )
         problems = strategy_problems(
             strategy=self.strategy, model=self.model, workers=self.resources.workers

@@ -12,6 +12,10 @@ parallel) is a new subclass, never an `if` in the loop. Lifecycle:
                 strategy.backward(out.loss / grad_accum)
         grad_norm = strategy.clip_grad_norm(max_norm)
         strategy.step()                                  # optimizer.step + zero_grad
+
+Checkpoints (temper.checkpoint) go through `checkpoint_engine`: "dcp" strategies hand their
+state to torch.distributed.checkpoint via `checkpoint_state` / `load_checkpoint_state`;
+DeepSpeed writes its own files (`save_engine_checkpoint` / `load_engine_checkpoint`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -30,6 +35,9 @@ from temper.strategies.memory import MemoryReport, tensor_bytes
 
 class Strategy(ABC):
     """Owns the wrapped model and the optimizer; the loop owns everything else."""
+
+    #: How temper.checkpoint saves this strategy: "dcp" or "deepspeed" (the engine's own files).
+    checkpoint_engine: ClassVar[str] = "dcp"
 
     def __init__(self, *, ctx: DistContext, seed: int = 0) -> None:
         self.ctx = ctx
@@ -86,6 +94,24 @@ class Strategy(ABC):
         self.step()
         after = self.memory_report()
         return MemoryReport(params=after.params, grads=grads, optim=after.optim)
+
+    def checkpoint_state(self) -> dict:
+        """This rank's model and optimizer state for torch.distributed.checkpoint:
+        {"model": ..., "optim": ...}, keyed by the bare model's parameter names (no DDP
+        `module.` prefix), sharded parameters as DTensors (FSDP2, TP), so a checkpoint loads
+        into any world size or strategy. The tensors are the live ones, not copies."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        return {"model": model_state, "optim": optim_state}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        """Put a state of `checkpoint_state()`'s layout (filled by dcp.load) into the model
+        and optimizer."""
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        set_state_dict(self.model, self.optimizer,
+                       model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     def unwrap(self) -> nn.Module:
         """The bare model (for export, FLOP counts, eval outside the wrapper)."""

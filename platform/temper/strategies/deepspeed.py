@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from temper.errors import MissingDependencyError
+from temper.errors import MissingDependencyError, TemperError
 from temper.runtime.context import DistContext
 from temper.spec.models import DeepSpeedSpec, JobSpec
 from temper.strategies.base import Strategy
@@ -50,6 +50,8 @@ def import_deepspeed(*, device: torch.device) -> Any:
 
 
 class DeepSpeedStrategy(Strategy):
+    checkpoint_engine = "deepspeed"
+
     def __init__(self, spec: DeepSpeedSpec, *, ctx: DistContext, job: JobSpec | None = None) -> None:
         super().__init__(ctx=ctx, seed=job.seed if job else 0)
         if job is None:
@@ -111,11 +113,45 @@ class DeepSpeedStrategy(Strategy):
     def unwrap(self) -> nn.Module:
         return self.engine.module
 
+    def checkpoint_state(self) -> dict:
+        raise NotImplementedError("DeepSpeed checkpoints go through save_engine_checkpoint")
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        raise NotImplementedError("DeepSpeed checkpoints go through load_engine_checkpoint")
+
+    def save_engine_checkpoint(self, directory: str, *, tag: str) -> None:
+        """Model and ZeRO optimizer partitions into `directory`/`tag` (every rank calls this).
+        No `latest` file: the caller records the tag; LR schedule, data and RNG are the
+        caller's too (our schedule drives the torch optimizer, DeepSpeed has none)."""
+        self.engine.save_checkpoint(_local_dir(directory), tag=tag, client_state={}, save_latest=False)
+
+    def load_engine_checkpoint(self, directory: str, *, tag: str) -> None:
+        """Load what `save_engine_checkpoint` wrote, into an engine of the same world size."""
+        path, _ = self.engine.load_checkpoint(
+            _local_dir(directory), tag=tag, load_module_strict=True, load_optimizer_states=True,
+            load_lr_scheduler_states=False, load_module_only=False,
+        )
+        if path is None:
+            raise TemperError(f"no DeepSpeed checkpoint '{tag}' in {directory}; pick another checkpoint")
+
     def close(self) -> None:
         if self.engine is not None:
             self.engine.destroy()
         self.engine = None
         super().close()
+
+
+def _local_dir(directory: str) -> str:
+    """DeepSpeed opens plain paths: a remote URL is a user error with a fix."""
+    if directory.startswith("file://"):
+        return directory[len("file://"):]
+    if "://" in directory:
+        raise TemperError(
+            f"checkpoint.dir={directory} is remote, but DeepSpeed writes checkpoints only to local "
+            "or shared filesystems; set checkpoint.dir to a path every worker shares, or use "
+            "strategy.kind=fsdp, whose checkpoints can go to s3://"
+        )
+    return directory
 
 
 def deepspeed_memory(engine: Any, *, stage: int) -> MemoryReport:

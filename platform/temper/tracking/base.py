@@ -21,6 +21,16 @@ class Tracker(ABC):
         because the tracking backend is down. Pass Python floats: converting a CUDA tensor
         here would synchronize the device."""
 
+    def unsent(self) -> list[tuple[str, float, int, int]]:
+        """Metrics logged but not yet delivered, as (key, value, step, timestamp_ms): a
+        checkpoint carries them, so a worker killed before its next flush loses none."""
+        return []
+
+    def resume_after(self, step: int, *, carried: list[tuple[str, float, int, int]] = ()) -> None:
+        """A resumed run: re-send `carried` (the checkpoint's undelivered metrics) that the
+        run lacks, and drop metrics of steps already in the run (a restart after step `step`
+        re-trains the steps logged between that checkpoint and the failure)."""
+
     @abstractmethod
     def set_tags(self, tags: Mapping[str, str]) -> None:
         """Set run tags (delivered with the next batch; non-blocking like `log_metrics`)."""

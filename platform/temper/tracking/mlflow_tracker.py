@@ -126,6 +126,14 @@ class MlflowBackend:
         else:
             self._client.log_batch(run_id, metrics=metrics, tags=tags, synchronous=True)
 
+    def max_logged_step(self, run_id: str, key: str) -> int | None:
+        """The highest step logged for metric `key` in the run (None: none yet)."""
+        if self._store is not None:
+            history = self._store.get_metric_history(run_id, key)
+        else:
+            history = self._client.get_metric_history(run_id, key)
+        return max((m.step for m in history), default=None)
+
     def set_terminated(self, run_id: str, *, status: str, end_time_ms: int) -> None:
         if self._store is not None:
             from mlflow.entities import RunStatus
@@ -134,6 +142,18 @@ class MlflowBackend:
                                         end_time=end_time_ms, run_name=None)
         else:
             self._client.set_terminated(run_id, status=status, end_time=end_time_ms)
+
+
+def _import_mlflow() -> None:
+    """Import the MLflow modules the sender thread uses, on the calling thread. Importing
+    them for the first time from two threads at once (the sender's first flush while the
+    main thread reads the run at resume) trips Python's import-lock deadlock detection and
+    leaves a half-initialized `mlflow` module behind, after which nothing is ever sent."""
+    import mlflow  # noqa: F401
+    import mlflow.entities  # noqa: F401
+    import mlflow.store.tracking.rest_store  # noqa: F401
+    import mlflow.tracking.client  # noqa: F401
+    import mlflow.utils.credentials  # noqa: F401
 
 
 class MlflowTracker(Tracker):
@@ -168,13 +188,15 @@ class MlflowTracker(Tracker):
         self._closing = threading.Event()  # close() called: drain, then exit
         self._stop = threading.Event()  # close() deadline passed: exit now
         self._closed = False
+        self._skip_through: int | None = None  # resumed: steps already in the run are not re-logged
+        _import_mlflow()  # here, before the sender thread exists: see _import_mlflow
         self._thread = threading.Thread(target=self._run, name="temper-mlflow-tracker", daemon=True)
         self._thread.start()
 
     # ----------------------------------------------------------------- training side
 
     def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
-        if self._closed:
+        if self._closed or (self._skip_through is not None and step <= self._skip_through):
             return
         ts, step = int(time.time() * 1000), int(step)
         points = []
@@ -194,6 +216,28 @@ class MlflowTracker(Tracker):
             ready = len(self._buffer) >= METRICS_PER_BATCH
         if ready and not self._batch_ready.is_set():
             self._batch_ready.set()
+
+    def unsent(self) -> list[tuple[str, float, int, int]]:
+        with self._lock:
+            return [*self._inflight, *self._buffer]
+
+    def resume_after(self, step: int, *, carried: list[tuple[str, float, int, int]] = ()) -> None:
+        """Asks the server once for the run's last logged step (here, at resume: the step
+        path never waits on HTTP). Carried metrics beyond it are queued again, in order;
+        new metrics up to it are dropped. Unreachable server: everything carried is queued
+        (a duplicate then repeats the same value: resume is exact)."""
+        logged = None
+        try:
+            logged = MlflowBackend(self.tracking_uri, timeout_s=self._request_timeout_s).max_logged_step(
+                self.run_id, "train/loss")
+        except Exception as e:  # noqa: BLE001 - best effort
+            log.warning("could not read run %s's last logged step (%s); steps after %d may appear twice",
+                        self.run_id, short_reason(e), step)
+        missing = [p for p in carried if logged is None or p[2] > logged]
+        with self._lock:
+            self._buffer.extendleft(reversed(missing))
+        if logged is not None and logged > step:
+            self._skip_through = logged
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         if self._closed:

@@ -60,7 +60,8 @@ def resolve_tracking_uri(spec_tracking_uri: str | None, *, workdir: Path) -> str
     return uri
 
 
-def start_run(spec: JobSpec, *, launcher: str, workdir: Path) -> RunHandle:
+def start_run(spec: JobSpec, *, launcher: str, workdir: Path,
+              extra_tags: dict[str, str] | None = None) -> RunHandle:
     """Create the job's MLflow run; raise TemperError when the tracking server is unreachable."""
     from mlflow import MlflowClient
     from mlflow.entities import Param
@@ -72,6 +73,8 @@ def start_run(spec: JobSpec, *, launcher: str, workdir: Path) -> RunHandle:
     run = client.create_run(experiment_id, run_name=spec.name,
                             tags=_run_tags(spec, launcher=launcher, workdir=workdir))
     run_id = run.info.run_id
+    for key, value in (extra_tags or {}).items():  # "<run id>" is filled in now that it is known
+        client.set_tag(run_id, key, value.replace("<run id>", run_id))
     ui_url = f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}" if is_http_uri(uri) else None
     handle = RunHandle(run_id=run_id, experiment_id=experiment_id, tracking_uri=uri, ui_url=ui_url)
     try:
@@ -83,6 +86,29 @@ def start_run(spec: JobSpec, *, launcher: str, workdir: Path) -> RunHandle:
         end_run(handle, status="FAILED", error=f"recording the job spec failed: {e}")
         raise
     return handle
+
+
+def continue_run(spec: JobSpec, *, run_id: str, workdir: Path) -> RunHandle:
+    """Reopen the run a resumed job belongs to: status RUNNING again, params untouched (they
+    were logged when it started), `temper.resumes` counted up."""
+    from mlflow import MlflowClient
+
+    uri = resolve_tracking_uri(spec.tracking.uri, workdir=workdir)
+    check_reachable(uri)
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        run = client.get_run(run_id)
+    except Exception as e:  # noqa: BLE001 - mlflow raises MlflowException for a missing run
+        raise TemperError(
+            f"the checkpoint belongs to MLflow run {run_id}, which {uri} does not have ({short_reason(e)}); "
+            "set tracking.uri to that run's server, or pass --no-resume to start a new run"
+        ) from None
+    resumes = int(run.data.tags.get("temper.resumes", "0")) + 1
+    client.update_run(run_id, status="RUNNING")
+    client.set_tag(run_id, "temper.resumes", str(resumes))
+    experiment_id = run.info.experiment_id
+    ui_url = f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}" if is_http_uri(uri) else None
+    return RunHandle(run_id=run_id, experiment_id=experiment_id, tracking_uri=uri, ui_url=ui_url)
 
 
 def end_run(handle: RunHandle, *, status: str, error: str | None = None) -> bool:

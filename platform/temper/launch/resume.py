@@ -1,0 +1,137 @@
+"""The driver's decision before any worker starts: a new run, or which run to continue.
+
+    <checkpoint.dir>/                 default: temper-runs/<name> where `temper run` runs
+        <run id>/step-000000100/      one folder per run (the MLflow run id), one per checkpoint
+
+- default: the newest committed checkpoint among the runs in checkpoint.dir, if its run has
+  not reached train.max_steps: that run continues (same MLflow run, same folder). A finished
+  run is not continued: a new run starts (raise train.max_steps to train a finished run on).
+- `--resume RUN_ID`: that run's folder; `--resume PATH`: a run folder or its newest step
+  folder (an older step would mix two histories in one run: refused).
+- `--no-resume`: a new run; earlier runs' checkpoints are left alone.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from temper.errors import TemperError
+from temper.runtime.checkpointing import storage_options
+from temper.spec.models import JobSpec
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    root: str  # checkpoint.dir, absolute
+    run_id: str | None = None  # the run to continue (None: a new run)
+    step: int | None = None  # the checkpoint step it continues from
+    path: str | None = None  # that checkpoint's folder
+    note: str | None = None  # what the driver tells the user
+
+    def run_dir(self, run_id: str) -> str:
+        return join(self.root, run_id)
+
+
+def join(base: str, name: str) -> str:
+    return f"{base.rstrip('/')}/{name}" if "://" in base else str(Path(base) / name)
+
+
+def checkpoint_root(spec: JobSpec, *, workdir: Path) -> str:
+    folder = spec.checkpoint.dir or str(Path("temper-runs") / spec.name)
+    if folder.startswith("file://"):
+        folder = folder[len("file://"):]
+    if "://" in folder or os.path.isabs(folder):
+        return folder
+    return str((Path(workdir) / folder).resolve())
+
+
+def new_local_run_id() -> str:
+    """A run id when MLflow tracking is off (the folder name of the run's checkpoints)."""
+    return f"local-{uuid.uuid4().hex[:12]}"
+
+
+def plan_resume(spec: JobSpec, *, workdir: Path, resume: str | None = None, no_resume: bool = False) -> ResumePlan:
+    root = checkpoint_root(spec, workdir=workdir)
+    if not spec.checkpoint.enabled:
+        if resume:
+            raise TemperError("--resume needs checkpoint.enabled=true")
+        return ResumePlan(root=root)
+    if no_resume:
+        return ResumePlan(root=root)
+    if resume:
+        return _explicit(spec, root=root, target=resume)
+    return _automatic(spec, root=root)
+
+
+def _explicit(spec: JobSpec, *, root: str, target: str) -> ResumePlan:
+    from temper.checkpoint import find_latest, read_checkpoint
+
+    opts = storage_options(spec)
+    looks_like_path = "/" in target or "://" in target or os.path.exists(target)
+    if not looks_like_path:  # a run id
+        latest = find_latest(join(root, target), storage_options=opts)
+        if latest is None:
+            raise TemperError(f"--resume {target}: no committed checkpoint in {join(root, target)}; "
+                              "check the run id and checkpoint.dir, or pass --no-resume")
+        return _plan_from(latest, root=root, run_id=target)
+    target = str(Path(target).resolve()) if "://" not in target else target.rstrip("/")
+    latest = find_latest(target, storage_options=opts)
+    if latest is not None:  # a run folder
+        return _plan_from(latest, root=_parent(target), run_id=_name(target))
+    ckpt = read_checkpoint(target, storage_options=opts)  # a step folder: TemperError if broken
+    run_dir = _parent(target)
+    newest = find_latest(run_dir, storage_options=opts)
+    if newest is not None and newest.manifest.step != ckpt.manifest.step:
+        raise TemperError(
+            f"--resume {target}: run {_name(run_dir)} has a newer checkpoint (step {newest.manifest.step}); "
+            "resuming an older step would mix two histories in one run: resume the run, or copy the "
+            "step folder into a new checkpoint.dir"
+        )
+    return _plan_from(ckpt, root=_parent(run_dir), run_id=_name(run_dir))
+
+
+def _automatic(spec: JobSpec, *, root: str) -> ResumePlan:
+    from temper.checkpoint import find_latest
+
+    opts = storage_options(spec)
+    candidates = []
+    for run_dir in _run_dirs(root, opts):
+        latest = find_latest(run_dir, storage_options=opts)
+        if latest is not None:
+            candidates.append((latest.manifest.created, run_dir, latest))
+    if not candidates:
+        return ResumePlan(root=root)
+    _, run_dir, latest = max(candidates, key=lambda c: c[0])
+    if latest.manifest.step >= spec.train.max_steps:
+        return ResumePlan(root=root, note=(
+            f"run {_name(run_dir)} already reached step {latest.manifest.step} (train.max_steps="
+            f"{spec.train.max_steps}): starting a new run; raise train.max_steps to train it on "
+            f"(--resume {_name(run_dir)})"))
+    return _plan_from(latest, root=root, run_id=_name(run_dir))
+
+
+def _plan_from(ckpt, *, root: str, run_id: str) -> ResumePlan:
+    return ResumePlan(root=root, run_id=run_id, step=ckpt.manifest.step, path=ckpt.path,
+                      note=f"resuming run {run_id} from step {ckpt.manifest.step} ({ckpt.path})")
+
+
+def _run_dirs(root: str, opts: dict | None) -> list[str]:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(root, **(opts or {}))
+    if not fs.exists(path):
+        return []
+    dirs = [e["name"] for e in fs.ls(path, detail=True) if e.get("type") == "directory"]
+    prefix = root.split("://")[0] + "://" if "://" in root else ""
+    return [d if "://" in d or not prefix else prefix + d for d in dirs]
+
+
+def _parent(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[0]
+
+
+def _name(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]

@@ -1,0 +1,120 @@
+"""The loop's side of checkpoints: what goes into one, and putting it back.
+
+A checkpoint holds the strategy's model and optimizer (DCP, or DeepSpeed's own files), and:
+- in its manifest (the same on every rank): the step, the data loader's position, the spec
+  hash, the MLflow run id, the model spec (for `temper export`);
+- per rank (`rank-N.pt`): the LR scheduler and every RNG this rank draws from (torch CPU and
+  CUDA, Python, NumPy), so dropout and augmentations continue exactly.
+
+Resuming on another world size restores model, optimizer (DCP reshards), scheduler and data
+position exactly; ranks that did not exist before start their RNGs from (seed, step, rank).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from temper.errors import TemperError
+from temper.runtime.context import DistContext
+from temper.spec.loader import spec_hash
+from temper.spec.models import JobSpec
+
+log = logging.getLogger(__name__)
+
+
+def storage_options(spec: JobSpec) -> dict[str, Any] | None:
+    endpoint = spec.checkpoint.s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
+    return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else None
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class Resumed:
+    step: int
+    path: str
+
+
+class CheckpointKeeper:
+    """Owns the Checkpointer for one run; the loop calls `restore()` once, `save()` often."""
+
+    def __init__(self, *, spec: JobSpec, ctx: DistContext, run_info: dict | None) -> None:
+        from temper.checkpoint import Checkpointer
+
+        self.spec, self.ctx = spec, ctx
+        self.run_id = (run_info or {}).get("run_id")
+        self.hash = spec_hash(spec)
+        self.checkpointer = Checkpointer(
+            run_dir=run_info["checkpoint_dir"], ctx=ctx, keep_last=spec.checkpoint.keep_last,
+            async_save=spec.checkpoint.async_save, storage_options=storage_options(spec),
+        )
+        self.last_saved_step: int | None = None
+
+    def restore(self, *, strategy, scheduler, data, tracker) -> Resumed | None:
+        """Load the run's newest committed checkpoint, if any, into everything; its step."""
+        ckpt = self.checkpointer.latest()
+        if ckpt is None:
+            return None
+        if ckpt.manifest.spec_hash != self.hash and self.ctx.is_main:
+            log.warning("resuming %s, written with another spec (hash %s, now %s): the new values apply "
+                        "from here on", ckpt.path, ckpt.manifest.spec_hash, self.hash)
+        try:
+            loaded = self.checkpointer.load(ckpt, strategy=strategy)
+        except TemperError:
+            raise
+        except Exception as e:  # DCP: missing keys or shape mismatches
+            raise TemperError(
+                f"checkpoint {ckpt.path} does not fit this job's model or optimizer ({type(e).__name__}: "
+                f"{str(e).splitlines()[0]}); run with --no-resume, or change checkpoint.dir"
+            ) from e
+        scheduler.load_state_dict(loaded.rank0_state["scheduler"])
+        tracker.resume_after(loaded.step, carried=loaded.rank0_state.get("metrics", []))
+        if loaded.manifest.data is not None:
+            data.load_state_dict(loaded.manifest.data)
+        if loaded.rank_state is not None and loaded.manifest.world_size == self.ctx.world_size:
+            set_rng_state(loaded.rank_state["rng"])
+        else:  # a new layout: fresh, reproducible streams for this rank
+            torch.manual_seed(self.spec.seed + 7919 * loaded.step + self.ctx.rank)
+        self.last_saved_step = loaded.step
+        return Resumed(step=loaded.step, path=ckpt.path)
+
+    def save(self, *, step: int, strategy, scheduler, data, tracker) -> float:
+        """Save at `step` (every rank); returns the seconds training was blocked. Rank 0's
+        metrics not yet delivered to MLflow ride along (a killed worker would lose them)."""
+        rank_state = {"rng": rng_state(), "scheduler": scheduler.state_dict(), "metrics": tracker.unsent()}
+        blocked = self.checkpointer.save(
+            step=step, strategy=strategy, spec_hash=self.hash, run_id=self.run_id,
+            data=data.state_dict(), rank_state=rank_state,
+            extra={"model": self.spec.model.model_dump(mode="json"), "name": self.spec.name},
+            mesh=_mesh(strategy),
+        )
+        self.last_saved_step = step
+        return blocked
+
+    def close(self) -> None:
+        self.checkpointer.close()
+
+
+def _mesh(strategy) -> dict | None:
+    tp = getattr(getattr(strategy, "spec", None), "tensor_parallel", None) or 1
+    return {"dp": strategy.data_world_size, "tp": tp}

@@ -1,0 +1,101 @@
+"""Checkpoints, resume and fault tolerance through the real CLI and a real MLflow server.
+
+Failures are injected with TEMPER_FAULT (temper.runtime.faults): a worker raising, SIGKILLing
+itself, or hanging at a given step on a given rank.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_run_e2e import TINY_GPT, loss_curve, run_id_of, temper
+
+COMMON = ["--set", "train.max_steps=12", "--set", "checkpoint.every_steps=3", "--set", "train.eval_every=0"]
+
+
+@pytest.fixture(scope="module")
+def client(mlflow_server):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=mlflow_server.uri)
+
+
+def test_rerun_resumes_the_same_run_then_export_and_register(tmp_path, mlflow_server, client) -> None:
+    sets = [*COMMON, "--set", f"tracking.uri={mlflow_server.uri}", "--set", "tracking.experiment=ckpt-e2e"]
+    crashed = temper("run", TINY_GPT, "--launcher", "torchrun", *sets, cwd=tmp_path,
+                     env={"TEMPER_FAULT": "raise:8:0"})
+    assert crashed.returncode == 1, crashed.stderr[-4000:]
+    assert "injected fault at step 8 on rank 0" in crashed.stderr
+    run_id = run_id_of(crashed.stderr)
+    assert client.get_run(run_id).info.status == "FAILED"
+    assert [s for s, _ in loss_curve(client, run_id)] == list(range(1, 8))
+
+    resumed = temper("run", TINY_GPT, "--launcher", "torchrun", *sets, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"resuming run {run_id} from step 6" in resumed.stderr
+    assert run_id_of(resumed.stderr) == run_id
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["temper.resumes"] == "1"
+    # Steps 7 were trained twice (before the crash and after the resume) but logged once.
+    assert [s for s, _ in loss_curve(client, run_id)] == list(range(1, 13))
+    assert "perf/ckpt_block_s" in run.data.metrics
+    run_dir = Path(run.data.tags["temper.checkpoint_dir"])
+    assert run_dir == tmp_path / "temper-runs" / "ci-tiny-gpt" / run_id
+    assert sorted(p.name for p in run_dir.iterdir()) == ["step-000000006", "step-000000009", "step-000000012"]
+
+    again = temper("run", TINY_GPT, "--launcher", "torchrun", *sets, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert f"run {run_id} already reached step 12" in again.stderr
+    assert run_id_of(again.stderr) != run_id
+
+    exported = temper("export", run_id, "-o", "out", "--tracking-uri", mlflow_server.uri,
+                      "--register", "ci-tiny-gpt", cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr[-4000:]
+    assert (tmp_path / "out" / "model.safetensors").stat().st_size > 0
+    assert (tmp_path / "out" / "config.json").exists()
+    version = client.get_latest_versions("ci-tiny-gpt")[0]
+    assert version.run_id == run_id
+
+
+def test_more_failures_than_max_failures_fail_with_the_cause(tmp_path, mlflow_server, client) -> None:
+    proc = temper("run", TINY_GPT, "--launcher", "torchrun", *COMMON, "--set", "fault.max_failures=1",
+                  "--set", f"tracking.uri={mlflow_server.uri}", cwd=tmp_path, env={"TEMPER_FAULT": "raise:4:1"})
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    assert "injected fault at step 4 on rank 1" in proc.stderr
+    run = client.get_run(run_id_of(proc.stderr))
+    assert run.info.status == "FAILED"
+    error = run.data.tags["temper.error"]
+    assert error.startswith("rank 1: RuntimeError: injected fault at step 4 on rank 1"), error  # the original
+    assert "the workers were restarted 1 time(s)" in error  # max_failures=1: one restart happened
+
+
+def test_hung_collective_times_out(tmp_path) -> None:
+    proc = temper("run", TINY_GPT, "--launcher", "torchrun", *COMMON, "--set", "tracking.enabled=false",
+                  "--set", "fault.collective_timeout_s=5", cwd=tmp_path, env={"TEMPER_FAULT": "hang:3:1"},
+                  timeout=240)
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    assert "fault.collective_timeout_s=5s" in proc.stderr
+
+
+@pytest.mark.ray
+def test_ray_worker_killed_restarts_and_matches_the_uninterrupted_run(tmp_path, mlflow_server, ray_address,
+                                                                      client) -> None:
+    sets = [*COMMON, "--set", f"tracking.uri={mlflow_server.uri}", "--set", "tracking.experiment=ckpt-ray"]
+    once = tmp_path / "killed-once"
+    proc = temper("run", TINY_GPT, "--address", ray_address, *sets, "--set", "fault.max_failures=1",
+                  cwd=tmp_path, env={"TEMPER_FAULT": "kill:8:1", "TEMPER_FAULT_ONCE": str(once)})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert once.exists()  # rank 1 really SIGKILLed itself once
+    run = client.get_run(run_id_of(proc.stderr))
+    assert run.info.status == "FINISHED"
+    assert run.data.tags.get("temper.resumed_from", "").endswith("step-000000006"), proc.stderr[-6000:]
+    killed = loss_curve(client, run.info.run_id)
+    assert [s for s, _ in killed] == list(range(1, 13))
+    (tmp_path / "straight").mkdir()
+    straight = temper("run", TINY_GPT, "--launcher", "torchrun", *sets, cwd=tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr[-4000:]
+    reference = loss_curve(client, run_id_of(straight.stderr))
+    for (s1, x), (s2, y) in zip(reference, killed, strict=True):
+        assert s1 == s2 and y == pytest.approx(x, rel=1e-5)
