@@ -16,6 +16,7 @@ import torch
 
 from temper.spec import load_spec
 from tests.distributed.spawn import run_ranks
+from tests.fixtures.steps import flat_state, train_steps
 
 pytestmark = pytest.mark.distributed
 
@@ -41,33 +42,12 @@ def _build(overrides: list[str], *, ctx, workers: int):
     return spec, strategy
 
 
-def _train(spec, strategy, steps: int, *, seed: int = 0) -> None:
-    """The loop's step without the loop: tensor-parallel peers read the same batch."""
-    from temper.objectives import build_objective
-
-    objective = build_objective(spec.objective)
-    gen = torch.Generator().manual_seed(seed + 100 * strategy.data_rank)
-    for _ in range(steps):
-        tokens = torch.randint(0, spec.model.vocab_size, (4, spec.model.seq_len + 1), generator=gen)
-        strategy.backward(objective(strategy.model, {"tokens": tokens}).loss)
-        strategy.clip_grad_norm(None)
-        strategy.step()
-
-
-def _flat(state, prefix: str = "") -> dict:
-    if isinstance(state, dict):
-        return {k: v for key, sub in state.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
-    if isinstance(state, list | tuple):
-        return {k: v for i, sub in enumerate(state) for k, v in _flat(sub, f"{prefix}{i}.").items()}
-    return {prefix[:-1]: state}
-
-
 def _local(strategy) -> dict:
     """This rank's model + optimizer state (local shards), detached copies."""
     from torch.distributed.tensor import DTensor
 
     out = {}
-    for key, value in _flat(strategy.checkpoint_state()).items():
+    for key, value in flat_state(strategy.checkpoint_state()).items():
         if isinstance(value, DTensor):
             value = value.to_local()
         out[key] = value.detach().clone() if isinstance(value, torch.Tensor) else value
@@ -79,7 +59,7 @@ def _full(strategy) -> dict:
     from torch.distributed.tensor import DTensor
 
     return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
-            for k, v in _flat(strategy.checkpoint_state()).items() if isinstance(v, torch.Tensor)}
+            for k, v in flat_state(strategy.checkpoint_state()).items() if isinstance(v, torch.Tensor)}
 
 
 def _mismatches(a: dict, b: dict) -> list[str]:
@@ -112,7 +92,7 @@ def _round_trip(root: Path, name: str, overrides: list[str], *, ctx) -> dict:
     from temper.checkpoint import Checkpointer
 
     spec, a = _build(overrides, ctx=ctx, workers=2)
-    _train(spec, a, 3)
+    train_steps(spec, a, 3)
     ckpt = Checkpointer(run_dir=str(root / name), ctx=ctx)
     _save(ckpt, a, 3, spec)
     found = ckpt.latest()
@@ -137,10 +117,10 @@ def _async_fsdp(root: Path, *, ctx) -> dict:
 
     spec, a = _build(["strategy=fsdp"], ctx=ctx, workers=2)
     ckpt = Checkpointer(run_dir=str(root / "async"), ctx=ctx, async_save=True)
-    _train(spec, a, 2)
+    train_steps(spec, a, 2)
     at2 = _local(a)
     blocked = _save(ckpt, a, 2, spec)
-    _train(spec, a, 1, seed=7)  # changes parameters while step 2 may still be writing
+    train_steps(spec, a, 1, seed=7)  # changes parameters while step 2 may still be writing
     _save(ckpt, a, 3, spec)  # commits step 2 first
     committed_2 = (root / "async" / "step-000000002" / "COMMITTED").exists()
     ckpt.wait()
@@ -173,7 +153,7 @@ def _zero2(root: Path, *, ctx) -> dict:
 
     overrides = ["strategy=deepspeed_zero2"]
     spec, a = _build(overrides, ctx=ctx, workers=2)
-    _train(spec, a, 2)
+    train_steps(spec, a, 2)
     ckpt = Checkpointer(run_dir=str(root / "zero2"), ctx=ctx)
     _save(ckpt, a, 2, spec)
     found = ckpt.latest()
@@ -237,7 +217,7 @@ def _one_process_checkpoint(run_dir: Path) -> dict:
 
     ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
     spec, strategy = _build([], ctx=ctx, workers=1)
-    _train(spec, strategy, 2, seed=3)
+    train_steps(spec, strategy, 2, seed=3)
     _save(Checkpointer(run_dir=str(run_dir), ctx=ctx), strategy, 2, spec)
     return _full(strategy)
 

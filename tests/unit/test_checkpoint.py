@@ -26,11 +26,11 @@ from temper.checkpoint import (
 )
 from temper.errors import TemperError
 from temper.models import build_model
-from temper.objectives import build_objective
 from temper.runtime.context import DistContext
 from temper.runtime.optim import build_optimizer
 from temper.spec import load_spec
 from temper.strategies import build_strategy
+from tests.fixtures.steps import flat_state, train_steps
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -46,27 +46,8 @@ def _build(extra: tuple[str, ...] = ()):
     return spec, strategy
 
 
-def _train(spec, strategy, steps: int, *, seed: int = 0) -> None:
-    objective = build_objective(spec.objective)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        tokens = torch.randint(0, spec.model.vocab_size, (4, spec.model.seq_len + 1), generator=gen)
-        strategy.backward(objective(strategy.model, {"tokens": tokens}).loss)
-        strategy.clip_grad_norm(None)
-        strategy.step()
-
-
-def _flat(state, prefix: str = "") -> dict:
-    """Every leaf of a (model, optimizer) state: tensors and plain values, by dotted path."""
-    if isinstance(state, dict):
-        return {k: v for key, sub in state.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
-    if isinstance(state, list | tuple):
-        return {k: v for i, sub in enumerate(state) for k, v in _flat(sub, f"{prefix}{i}.").items()}
-    return {prefix[:-1]: state}
-
-
 def _assert_same_state(a, b) -> None:
-    fa, fb = _flat(a.checkpoint_state()), _flat(b.checkpoint_state())
+    fa, fb = flat_state(a.checkpoint_state()), flat_state(b.checkpoint_state())
     assert fa.keys() == fb.keys()
     for key, va in fa.items():
         if isinstance(va, torch.Tensor):
@@ -76,7 +57,7 @@ def _assert_same_state(a, b) -> None:
 
 
 def _differs(a, b) -> bool:
-    fa, fb = _flat(a.checkpoint_state()), _flat(b.checkpoint_state())
+    fa, fb = flat_state(a.checkpoint_state()), flat_state(b.checkpoint_state())
     return any(isinstance(v, torch.Tensor) and not torch.equal(v, fb[k]) for k, v in fa.items())
 
 
@@ -90,7 +71,7 @@ def _save(ckpt: Checkpointer, strategy, step: int, *, spec=None, rank_state=None
 @pytest.fixture(scope="module")
 def trained():
     spec, strategy = _build()
-    _train(spec, strategy, 3)
+    train_steps(spec, strategy, 3)
     return spec, strategy
 
 
