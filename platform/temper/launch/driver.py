@@ -62,10 +62,14 @@ def run_job(spec: JobSpec, *, launcher: Launcher, workdir: Path, resume: str | N
     if plan.note:
         console.print(plan.note, markup=False)
     handle = _open_run(spec, plan=plan, launcher=launcher.name, workdir=workdir)
-    run_id = handle.run_id if handle else (plan.run_id or new_local_run_id())
     run_info = {"run_id": handle.run_id, "tracking_uri": handle.tracking_uri} if handle else {"run_id": None}
-    if spec.checkpoint.enabled:
-        run_info["checkpoint_dir"] = plan.run_dir(plan.run_id or run_id)  # a resumed run keeps its folder
+    if spec.checkpoint.enabled:  # a resumed run keeps its folder; a new one is named by its run id
+        folder = plan.run_dir(plan.run_id or (handle.run_id if handle else new_local_run_id()))
+        run_info["checkpoint_dir"] = folder
+        if handle is not None and handle.run_id != plan.run_id:  # a new MLflow run: say where it saves
+            from temper.tracking.runs import tag_run
+
+            tag_run(handle, {"temper.checkpoint_dir": folder})
     job = Job(spec=spec, spec_json=spec_to_json(spec), run_info=run_info, workdir=workdir)
     status, error = "FAILED", None
     try:
@@ -102,9 +106,7 @@ def _open_run(spec: JobSpec, *, plan, launcher: str, workdir: Path):
     if plan.run_id is not None and not plan.run_id.startswith("local-"):
         handle = continue_run(spec, run_id=plan.run_id, workdir=workdir)
     else:
-        handle = start_run(spec, launcher=launcher, workdir=workdir,
-                           extra_tags={"temper.checkpoint_dir": plan.run_dir("<run id>")}
-                           if spec.checkpoint.enabled else None)
+        handle = start_run(spec, launcher=launcher, workdir=workdir)
     _announce(handle)
     return handle
 

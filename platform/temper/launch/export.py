@@ -12,10 +12,7 @@ from pathlib import Path
 
 from temper.console import console
 from temper.errors import TemperError
-
-
-def _looks_like_path(source: str) -> bool:
-    return "/" in source or "://" in source or os.path.exists(source)
+from temper.launch.resume import looks_like_path
 
 
 def _run_checkpoint_dir(run_id: str, *, tracking_uri: str | None) -> tuple[str, str]:
@@ -41,7 +38,7 @@ def export_command(source: str, *, out: Path, tracking_uri: str | None, register
     from temper.checkpoint import export_checkpoint, find_latest, read_checkpoint
 
     uri = None
-    folder = source if _looks_like_path(source) else None
+    folder = source if looks_like_path(source) else None
     if folder is None:
         folder, uri = _run_checkpoint_dir(source, tracking_uri=tracking_uri)
     if out.exists() and any(out.iterdir()):

@@ -48,6 +48,11 @@ def checkpoint_root(spec: JobSpec, *, workdir: Path) -> str:
     return str((Path(workdir) / folder).resolve())
 
 
+def looks_like_path(target: str) -> bool:
+    """A folder or URL (else an MLflow run id): what --resume and `temper export` accept."""
+    return "/" in target or "://" in target or os.path.exists(target)
+
+
 def new_local_run_id() -> str:
     """A run id when MLflow tracking is off (the folder name of the run's checkpoints)."""
     return f"local-{uuid.uuid4().hex[:12]}"
@@ -70,8 +75,7 @@ def _explicit(spec: JobSpec, *, root: str, target: str) -> ResumePlan:
     from temper.checkpoint import find_latest, read_checkpoint
 
     opts = storage_options(spec)
-    looks_like_path = "/" in target or "://" in target or os.path.exists(target)
-    if not looks_like_path:  # a run id
+    if not looks_like_path(target):  # a run id
         latest = find_latest(join(root, target), storage_options=opts)
         if latest is None:
             raise TemperError(f"--resume {target}: no committed checkpoint in {join(root, target)}; "

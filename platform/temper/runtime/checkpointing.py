@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from temper.errors import TemperError
 from temper.runtime.context import DistContext
 from temper.spec.loader import spec_hash
 from temper.spec.models import JobSpec
@@ -68,7 +67,6 @@ class CheckpointKeeper:
             run_dir=run_info["checkpoint_dir"], ctx=ctx, keep_last=spec.checkpoint.keep_last,
             async_save=spec.checkpoint.async_save, storage_options=storage_options(spec),
         )
-        self.last_saved_step: int | None = None
 
     def restore(self, *, strategy, scheduler, data, tracker) -> Resumed | None:
         """Load the run's newest committed checkpoint, if any, into everything; its step."""
@@ -78,15 +76,7 @@ class CheckpointKeeper:
         if ckpt.manifest.spec_hash != self.hash and self.ctx.is_main:
             log.warning("resuming %s, written with another spec (hash %s, now %s): the new values apply "
                         "from here on", ckpt.path, ckpt.manifest.spec_hash, self.hash)
-        try:
-            loaded = self.checkpointer.load(ckpt, strategy=strategy)
-        except TemperError:
-            raise
-        except Exception as e:  # DCP: missing keys or shape mismatches
-            raise TemperError(
-                f"checkpoint {ckpt.path} does not fit this job's model or optimizer ({type(e).__name__}: "
-                f"{str(e).splitlines()[0]}); run with --no-resume, or change checkpoint.dir"
-            ) from e
+        loaded = self.checkpointer.load(ckpt, strategy=strategy)  # a mismatch is a TemperError
         scheduler.load_state_dict(loaded.rank0_state["scheduler"])
         tracker.resume_after(loaded.step, carried=loaded.rank0_state.get("metrics", []))
         if loaded.manifest.data is not None:
@@ -95,21 +85,18 @@ class CheckpointKeeper:
             set_rng_state(loaded.rank_state["rng"])
         else:  # a new layout: fresh, reproducible streams for this rank
             torch.manual_seed(self.spec.seed + 7919 * loaded.step + self.ctx.rank)
-        self.last_saved_step = loaded.step
         return Resumed(step=loaded.step, path=ckpt.path)
 
     def save(self, *, step: int, strategy, scheduler, data, tracker) -> float:
         """Save at `step` (every rank); returns the seconds training was blocked. Rank 0's
         metrics not yet delivered to MLflow ride along (a killed worker would lose them)."""
         rank_state = {"rng": rng_state(), "scheduler": scheduler.state_dict(), "metrics": tracker.unsent()}
-        blocked = self.checkpointer.save(
+        return self.checkpointer.save(
             step=step, strategy=strategy, spec_hash=self.hash, run_id=self.run_id,
             data=data.state_dict(), rank_state=rank_state,
             extra={"model": self.spec.model.model_dump(mode="json"), "name": self.spec.name},
             mesh=_mesh(strategy),
         )
-        self.last_saved_step = step
-        return blocked
 
     def close(self) -> None:
         self.checkpointer.close()

@@ -60,8 +60,7 @@ def resolve_tracking_uri(spec_tracking_uri: str | None, *, workdir: Path) -> str
     return uri
 
 
-def start_run(spec: JobSpec, *, launcher: str, workdir: Path,
-              extra_tags: dict[str, str] | None = None) -> RunHandle:
+def start_run(spec: JobSpec, *, launcher: str, workdir: Path) -> RunHandle:
     """Create the job's MLflow run; raise TemperError when the tracking server is unreachable."""
     from mlflow import MlflowClient
     from mlflow.entities import Param
@@ -73,8 +72,6 @@ def start_run(spec: JobSpec, *, launcher: str, workdir: Path,
     run = client.create_run(experiment_id, run_name=spec.name,
                             tags=_run_tags(spec, launcher=launcher, workdir=workdir))
     run_id = run.info.run_id
-    for key, value in (extra_tags or {}).items():  # "<run id>" is filled in now that it is known
-        client.set_tag(run_id, key, value.replace("<run id>", run_id))
     ui_url = f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}" if is_http_uri(uri) else None
     handle = RunHandle(run_id=run_id, experiment_id=experiment_id, tracking_uri=uri, ui_url=ui_url)
     try:
@@ -86,6 +83,14 @@ def start_run(spec: JobSpec, *, launcher: str, workdir: Path,
         end_run(handle, status="FAILED", error=f"recording the job spec failed: {e}")
         raise
     return handle
+
+
+def tag_run(handle: RunHandle, tags: dict[str, str]) -> None:
+    """Set tags on the run from the driver (one request)."""
+    from mlflow.entities import RunTag
+
+    MlflowBackend(handle.tracking_uri, timeout_s=REACH_TIMEOUT_S).log_batch(
+        handle.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
 
 def continue_run(spec: JobSpec, *, run_id: str, workdir: Path) -> RunHandle:
