@@ -50,6 +50,10 @@ def run(
     no_resume: Annotated[
         bool, typer.Option("--no-resume", help="Start a new run even if an unfinished one exists.")
     ] = False,
+    run_id: Annotated[
+        str | None, typer.Option("--run-id", help="Log into this existing MLflow run (what `temper "
+                                 "submit` passes); resumes from its newest checkpoint if it has one.")
+    ] = None,
 ) -> None:
     """Train the job: start the workers, record the run in MLflow, wait for the end.
 
@@ -58,11 +62,12 @@ def run(
     from temper.launch import build_launcher, run_job
     from temper.spec import load_spec
 
-    if resume and no_resume:
-        raise TemperError("--resume and --no-resume exclude each other; pass one")
+    if sum(map(bool, (resume, no_resume, run_id))) > 1:
+        raise TemperError("--resume, --no-resume and --run-id exclude each other; pass one")
     spec = load_spec(job, set_ or [])
     chosen = build_launcher(launcher, address=address)
-    outcome = run_job(spec, launcher=chosen, workdir=Path.cwd(), resume=resume, no_resume=no_resume)
+    outcome = run_job(spec, launcher=chosen, workdir=Path.cwd(), resume=resume, no_resume=no_resume,
+                      run_id=run_id)
     m = outcome.result.metrics
     summary = [f"finished {spec.name}: {outcome.result.steps or spec.train.max_steps} steps"]
     for key in ("train/loss", "val/loss", "val/acc", "perf/samples_per_s"):

@@ -99,3 +99,24 @@ def test_ray_worker_killed_restarts_and_matches_the_uninterrupted_run(tmp_path, 
     reference = loss_curve(client, run_id_of(straight.stderr))
     for (s1, x), (s2, y) in zip(reference, killed, strict=True):
         assert s1 == s2 and y == pytest.approx(x, rel=1e-5)
+
+
+def test_run_id_logs_into_a_submitted_run_and_a_retry_resumes_it(tmp_path, mlflow_server, client) -> None:
+    """`temper submit` creates the run and the cluster runs `temper run --run-id`: the first
+    start logs from step 0 into that run; a retried start resumes from its checkpoint."""
+    experiment = client.create_experiment(f"run-id-{tmp_path.name}")
+    run_id = client.create_run(experiment, run_name="ci-tiny-gpt").info.run_id
+    sets = [*COMMON, "--set", f"tracking.uri={mlflow_server.uri}", "--set", "resources.workers=1"]
+    crashed = temper("run", TINY_GPT, "--launcher", "inprocess", "--run-id", run_id, *sets,
+                     cwd=tmp_path, env={"TEMPER_FAULT": "raise:8:0"})
+    assert crashed.returncode == 1, crashed.stderr[-4000:]
+    assert f"logging into MLflow run {run_id} from step 0" in crashed.stderr
+    assert "temper.resumes" not in client.get_run(run_id).data.tags
+    retried = temper("run", TINY_GPT, "--launcher", "inprocess", "--run-id", run_id, *sets, cwd=tmp_path)
+    assert retried.returncode == 0, retried.stderr[-4000:]
+    assert f"resuming run {run_id} from step 6" in retried.stderr
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["temper.resumes"] == "1"
+    assert [s for s, _ in loss_curve(client, run_id)] == list(range(1, 13))
+    both = temper("run", TINY_GPT, "--run-id", run_id, "--no-resume", *sets, cwd=tmp_path)
+    assert both.returncode == 2 and "exclude each other" in both.stderr

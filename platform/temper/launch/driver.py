@@ -49,7 +49,7 @@ def build_launcher(name: str, *, address: str | None = None) -> Launcher:
 
 
 def run_job(spec: JobSpec, *, launcher: Launcher, workdir: Path, resume: str | None = None,
-            no_resume: bool = False) -> JobOutcome:
+            no_resume: bool = False, run_id: str | None = None) -> JobOutcome:
     """Run one job to the end and record it; re-raises KeyboardInterrupt after cleanup."""
     launcher.check(spec)
     from temper.data import preflight_data, with_absolute_paths
@@ -58,7 +58,7 @@ def run_job(spec: JobSpec, *, launcher: Launcher, workdir: Path, resume: str | N
     spec = with_absolute_paths(spec, base=Path.cwd())
     for warning in preflight_data(spec):
         console.print(f"warning: {warning}", markup=False, style="yellow")
-    plan = plan_resume(spec, workdir=workdir, resume=resume, no_resume=no_resume)
+    plan = plan_resume(spec, workdir=workdir, resume=resume, no_resume=no_resume, run_id=run_id)
     if plan.note:
         console.print(plan.note, markup=False)
     handle = _open_run(spec, plan=plan, launcher=launcher.name, workdir=workdir)
@@ -66,7 +66,7 @@ def run_job(spec: JobSpec, *, launcher: Launcher, workdir: Path, resume: str | N
     if spec.checkpoint.enabled:  # a resumed run keeps its folder; a new one is named by its run id
         folder = plan.run_dir(plan.run_id or (handle.run_id if handle else new_local_run_id()))
         run_info["checkpoint_dir"] = folder
-        if handle is not None and handle.run_id != plan.run_id:  # a new MLflow run: say where it saves
+        if handle is not None and plan.step is None:  # a run's first start: say where it saves
             from temper.tracking.runs import tag_run
 
             tag_run(handle, {"temper.checkpoint_dir": folder})
@@ -104,7 +104,7 @@ def _open_run(spec: JobSpec, *, plan, launcher: str, workdir: Path):
     from temper.tracking.runs import continue_run
 
     if plan.run_id is not None and not plan.run_id.startswith("local-"):
-        handle = continue_run(spec, run_id=plan.run_id, workdir=workdir)
+        handle = continue_run(spec, run_id=plan.run_id, workdir=workdir, resumed=plan.step is not None)
     else:
         handle = start_run(spec, launcher=launcher, workdir=workdir)
     _announce(handle)

@@ -9,6 +9,8 @@
 - `--resume RUN_ID`: that run's folder; `--resume PATH`: a run folder or its newest step
   folder (an older step would mix two histories in one run: refused).
 - `--no-resume`: a new run; earlier runs' checkpoints are left alone.
+- `--run-id RUN_ID`: log into this existing MLflow run (`temper submit` creates it before the
+  cluster starts the job): its newest checkpoint if it has one (a retried job), else step 0.
 """
 
 from __future__ import annotations
@@ -58,8 +60,11 @@ def new_local_run_id() -> str:
     return f"local-{uuid.uuid4().hex[:12]}"
 
 
-def plan_resume(spec: JobSpec, *, workdir: Path, resume: str | None = None, no_resume: bool = False) -> ResumePlan:
+def plan_resume(spec: JobSpec, *, workdir: Path, resume: str | None = None, no_resume: bool = False,
+                run_id: str | None = None) -> ResumePlan:
     root = checkpoint_root(spec, workdir=workdir)
+    if run_id is not None:
+        return _attach(spec, root=root, run_id=run_id)
     if not spec.checkpoint.enabled:
         if resume:
             raise TemperError("--resume needs checkpoint.enabled=true")
@@ -95,6 +100,18 @@ def _explicit(spec: JobSpec, *, root: str, target: str) -> ResumePlan:
             "step folder into a new checkpoint.dir"
         )
     return _plan_from(ckpt, root=_parent(run_dir), run_id=_name(run_dir))
+
+
+def _attach(spec: JobSpec, *, root: str, run_id: str) -> ResumePlan:
+    if looks_like_path(run_id):
+        raise TemperError(f"--run-id {run_id!r} is not an MLflow run id (a folder? use --resume)")
+    if spec.checkpoint.enabled:
+        from temper.checkpoint import find_latest
+
+        latest = find_latest(join(root, run_id), storage_options=storage_options(spec))
+        if latest is not None:
+            return _plan_from(latest, root=root, run_id=run_id)
+    return ResumePlan(root=root, run_id=run_id, note=f"logging into MLflow run {run_id} from step 0")
 
 
 def _automatic(spec: JobSpec, *, root: str) -> ResumePlan:

@@ -93,9 +93,10 @@ def tag_run(handle: RunHandle, tags: dict[str, str]) -> None:
         handle.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
 
-def continue_run(spec: JobSpec, *, run_id: str, workdir: Path) -> RunHandle:
+def continue_run(spec: JobSpec, *, run_id: str, workdir: Path, resumed: bool = True) -> RunHandle:
     """Reopen the run a resumed job belongs to: status RUNNING again, params untouched (they
-    were logged when it started), `temper.resumes` counted up."""
+    were logged when it started), `temper.resumes` counted up (`resumed`=False: a run that
+    `temper submit` created, started here for the first time)."""
     from mlflow import MlflowClient
 
     uri = resolve_tracking_uri(spec.tracking.uri, workdir=workdir)
@@ -105,12 +106,13 @@ def continue_run(spec: JobSpec, *, run_id: str, workdir: Path) -> RunHandle:
         run = client.get_run(run_id)
     except Exception as e:  # noqa: BLE001 - mlflow raises MlflowException for a missing run
         raise TemperError(
-            f"the checkpoint belongs to MLflow run {run_id}, which {uri} does not have ({short_reason(e)}); "
+            f"MLflow run {run_id} (to continue) is not in {uri} ({short_reason(e)}); "
             "set tracking.uri to that run's server, or pass --no-resume to start a new run"
         ) from None
-    resumes = int(run.data.tags.get("temper.resumes", "0")) + 1
     client.update_run(run_id, status="RUNNING")
-    client.set_tag(run_id, "temper.resumes", str(resumes))
+    if resumed:
+        resumes = int(run.data.tags.get("temper.resumes", "0")) + 1
+        client.set_tag(run_id, "temper.resumes", str(resumes))
     experiment_id = run.info.experiment_id
     ui_url = f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}" if is_http_uri(uri) else None
     return RunHandle(run_id=run_id, experiment_id=experiment_id, tracking_uri=uri, ui_url=ui_url)

@@ -1,0 +1,93 @@
+"""Where `temper submit` sends a job: a Ray cluster's Job Submission API, or Kubernetes.
+
+    temper submit JOB.yaml --to http://HEAD:8265   -> RayJobsTarget   (launch/ray_jobs.py)
+    temper submit JOB.yaml --to k8s[://NAMESPACE]  -> KubeRayTarget   (launch/kuberay.py)
+
+Both run the same entrypoint on the cluster: `temper run <spec> --run-id <id>`, where the
+spec is the resolved spec written as YAML next to the job and <id> is the MLflow run the
+submitter created (so `submit` can print its link). A retried job (Ray Jobs resubmission,
+a RayJob's backoffLimit) runs the same entrypoint again: `--run-id` reopens that run and
+resumes from its newest committed checkpoint in checkpoint.dir (shared storage on a cluster).
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from temper.errors import TemperError
+from temper.spec.models import JobSpec
+
+#: File name of the resolved spec inside the job's working directory on the cluster.
+SPEC_FILE = "temper-job.yaml"
+
+#: Job states, the same words for both targets.
+STATES = ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "STOPPED")
+
+
+@dataclass(frozen=True)
+class Submission:
+    job_id: str
+    target: str  # the --to address it went to
+    run_id: str | None = None  # the MLflow run created for it (None: tracking off / dry run)
+    run_url: str | None = None  # the MLflow UI link (None: not an http tracking server)
+    manifest: str | None = None  # dry run: what would be sent (YAML for k8s, JSON for Ray)
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    job_id: str
+    state: str  # one of STATES
+    message: str = ""  # the cluster's own words (error, reason)
+    start_time: float | None = None  # unix seconds
+    end_time: float | None = None
+    extra: dict[str, str] = field(default_factory=dict)  # target-specific (Ray job id, pod...)
+
+
+class SubmitTarget(Protocol):
+    """One cluster. Every method raises TemperError (one line, with the fix) for an
+    unreachable address, an unknown job id or a rejected job."""
+
+    address: str
+
+    def submit(self, spec: JobSpec, *, workdir: Path, run_id: str | None,
+               dry_run: bool = False) -> Submission: ...
+
+    def status(self, job_id: str) -> JobStatus: ...
+
+    def logs(self, job_id: str, *, follow: bool = False) -> Iterator[str]: ...
+
+    def stop(self, job_id: str) -> JobStatus: ...
+
+    def list(self) -> list[JobStatus]: ...
+
+
+def build_target(address: str | None) -> SubmitTarget:
+    """`--to` (else $TEMPER_CLUSTER, else $RAY_ADDRESS when it is an http address)."""
+    import os
+
+    address = (address or os.environ.get("TEMPER_CLUSTER") or os.environ.get("RAY_ADDRESS") or "").strip()
+    if not address:
+        raise TemperError("no cluster given: pass --to http://HEAD:8265 (Ray) or --to k8s[://NAMESPACE], "
+                          "or set TEMPER_CLUSTER")
+    if address == "k8s" or address.startswith("k8s://"):
+        from temper.launch.kuberay import KubeRayTarget
+
+        return KubeRayTarget.from_address(address)
+    if address.startswith(("http://", "https://")):
+        from temper.launch.ray_jobs import RayJobsTarget
+
+        return RayJobsTarget(address)
+    raise TemperError(f"--to {address!r} is not a cluster address; accepted: http(s)://HEAD:8265 "
+                      "(a Ray dashboard / Jobs API), k8s or k8s://NAMESPACE")
+
+
+def entrypoint(*, spec_file: str = SPEC_FILE, run_id: str | None) -> str:
+    """The shell command a cluster runs for the job (in the job's working directory)."""
+    args = ["temper", "run", spec_file]
+    if run_id:
+        args += ["--run-id", run_id]
+    return shlex.join(args)
