@@ -91,3 +91,22 @@ def entrypoint(*, spec_file: str = SPEC_FILE, run_id: str | None) -> str:
     if run_id:
         args += ["--run-id", run_id]
     return shlex.join(args)
+
+
+def open_submission_run(spec: JobSpec, *, workdir: Path, target: str):
+    """Create the job's MLflow run before the cluster starts it, so that `submit` can print
+    its link and every (re)start of the job logs into it (`--run-id`). Returns a
+    temper.tracking.RunHandle, or None when tracking is off. The tracking server must be
+    reachable from here and from the cluster: an http(s) MLflow server."""
+    if not spec.tracking.enabled:
+        return None
+    from temper.tracking.mlflow_tracker import is_http_uri
+    from temper.tracking.runs import resolve_tracking_uri, start_run
+
+    uri = resolve_tracking_uri(spec.tracking.uri, workdir=workdir)
+    if not is_http_uri(uri):
+        raise TemperError(
+            f"tracking.uri {uri}: a job on a cluster needs an MLflow server that the cluster and "
+            "this machine both reach; set tracking.uri=http://... (or $MLFLOW_TRACKING_URI), or "
+            "tracking.enabled=false")
+    return start_run(spec, launcher=f"submit:{target}", workdir=workdir)
