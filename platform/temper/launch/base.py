@@ -44,6 +44,11 @@ class Launcher(ABC):
     def launch(self, job: Job) -> LaunchResult:
         """Run the job's workers to completion; raise JobFailedError with the root cause."""
 
+    def publish_run_id(self, run_id: str) -> None:
+        """The driver created the MLflow run after the workers started (the server was down):
+        hand its id to rank 0. The driver also writes it to run_info["run_id_file"], which
+        is enough for workers on this machine; launchers with remote workers override this."""
+
     def stop(self) -> None:
         """Stop the workers now (Ctrl-C); must be safe to call at any time."""
 

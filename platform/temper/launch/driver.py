@@ -53,7 +53,7 @@ def run_job(spec: JobSpec, *, launcher: Launcher, workdir: Path, resume: str | N
     """Run one job to the end and record it; re-raises KeyboardInterrupt after cleanup."""
     launcher.check(spec)
     from temper.data import preflight_data, with_absolute_paths
-    from temper.launch.resume import new_local_run_id, plan_resume
+    from temper.launch.resume import plan_resume
 
     spec = with_absolute_paths(spec, base=Path.cwd())
     for warning in preflight_data(spec):
@@ -61,15 +61,15 @@ def run_job(spec: JobSpec, *, launcher: Launcher, workdir: Path, resume: str | N
     plan = plan_resume(spec, workdir=workdir, resume=resume, no_resume=no_resume, run_id=run_id)
     if plan.note:
         console.print(plan.note, markup=False)
-    handle = _open_run(spec, plan=plan, launcher=launcher.name, workdir=workdir)
-    run_info = {"run_id": handle.run_id, "tracking_uri": handle.tracking_uri} if handle else {"run_id": None}
+    tracking = _Tracking.begin(spec, plan=plan, launcher=launcher, workdir=workdir)
+    run_info = tracking.run_info
     if spec.checkpoint.enabled:  # a resumed run keeps its folder; a new one is named by its run id
-        folder = plan.run_dir(plan.run_id or (handle.run_id if handle else new_local_run_id()))
+        folder = plan.run_dir(plan.run_id or tracking.folder_name)
         run_info["checkpoint_dir"] = folder
-        if handle is not None and plan.step is None:  # a run's first start: say where it saves
-            from temper.tracking.runs import tag_run
-
-            tag_run(handle, {"temper.checkpoint_dir": folder})
+        tracking.checkpoint_dir = folder
+        if tracking.handle is not None and (plan.step is None or plan.mlflow_run_id is None):
+            # a run's first start in this folder: say where it saves
+            tracking.tag_checkpoint_dir(tracking.handle)
     job = Job(spec=spec, spec_json=spec_to_json(spec), run_info=run_info, workdir=workdir)
     status, error = "FAILED", None
     try:
@@ -88,27 +88,103 @@ def run_job(spec: JobSpec, *, launcher: Launcher, workdir: Path, resume: str | N
         raise JobFailedError(error) from e
     finally:
         launcher.close()
-        if handle is not None:
-            from temper.tracking import end_run
-
-            end_run(handle, status=status, error=error)
+        handle = tracking.finish(status=status, error=error)
     return JobOutcome(result=result, run_id=handle.run_id if handle else None,
                       tracking_uri=handle.tracking_uri if handle else None)
 
 
-def _open_run(spec: JobSpec, *, plan, launcher: str, workdir: Path):
-    """The job's MLflow run: the resumed one reopened, or a new one (None: tracking off)."""
-    if not spec.tracking.enabled:
-        return None
-    from temper.tracking import start_run
-    from temper.tracking.runs import continue_run
+class _Tracking:
+    """The job's MLflow run from the driver's side: opened now, or (server down) once it
+    answers while the workers already train; ended with the job's status."""
 
-    if plan.run_id is not None and not plan.run_id.startswith("local-"):
-        handle = continue_run(spec, run_id=plan.run_id, workdir=workdir, resumed=plan.step is not None)
-    else:
-        handle = start_run(spec, launcher=launcher, workdir=workdir)
-    _announce(handle)
-    return handle
+    def __init__(self, spec: JobSpec, *, launcher: Launcher, workdir: Path) -> None:
+        self.spec, self.launcher, self.workdir = spec, launcher, workdir
+        self.opener = None
+        self.handle = None
+        self.run_info: dict = {"run_id": None}
+        self.folder_name: str = ""
+        self.checkpoint_dir: str | None = None
+
+    @classmethod
+    def begin(cls, spec: JobSpec, *, plan, launcher: Launcher, workdir: Path) -> _Tracking:
+        from temper.launch.resume import new_local_run_id
+
+        self = cls(spec, launcher=launcher, workdir=workdir)
+        if not spec.tracking.enabled:
+            self.folder_name = new_local_run_id()
+            return self
+        from temper.tracking.opener import RunOpener
+        from temper.tracking.runs import resolve_tracking_uri
+        from temper.tracking.spool import default_spool_root
+
+        continue_id = plan.mlflow_run_id
+        self.opener = RunOpener(spec, launcher=launcher.name, workdir=workdir, continue_id=continue_id,
+                                resumed=plan.step is not None)
+        self.handle = self.opener.open(on_open=self._opened_late)
+        uri = resolve_tracking_uri(spec.tracking.uri, workdir=workdir)
+        known = self.handle.run_id if self.handle else continue_id
+        self.folder_name = known or f"pending-{new_local_run_id()[len('local-'):]}"
+        spool = Path(spec.tracking.spool_dir or default_spool_root()) / self.folder_name
+        self.run_info = {"run_id": known, "tracking_uri": uri, "spool_dir": str(spool),
+                         "experiment": spec.tracking.experiment, "run_name": spec.name}
+        if self.handle is not None:
+            _announce(self.handle)
+        else:
+            self.run_info["run_id_file"] = str(spool / "run-id")
+            console.print(f"[yellow]warning:[/yellow] MLflow at {uri} is unreachable; training starts anyway. "
+                          f"The run is {'reopened' if continue_id else 'created'} when the server answers; "
+                          f"until then rank 0 buffers metrics (overflow on disk in {spool}).")
+        return self
+
+    def _opened_late(self, handle) -> None:
+        """From the opener's thread: the server answers; tell rank 0 the run id."""
+        Path(self.run_info["run_id_file"]).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(self.run_info["run_id_file"] + ".tmp")
+        tmp.write_text(handle.run_id)
+        tmp.replace(self.run_info["run_id_file"])
+        self.launcher.publish_run_id(handle.run_id)
+        if self.checkpoint_dir is not None:
+            self.tag_checkpoint_dir(handle)
+        console.print(f"MLflow at {handle.tracking_uri} answers after "
+                      f"{self.opener.unreachable_s:.1f} s: run [bold]{handle.run_id}[/bold]")
+        _announce(handle)
+
+    def tag_checkpoint_dir(self, handle) -> None:
+        from temper.tracking.runs import tag_run
+
+        try:
+            tag_run(handle, {"temper.checkpoint_dir": self.checkpoint_dir})
+            if self.checkpoint_dir.rstrip("/").rsplit("/", 1)[-1].startswith("pending-"):
+                from temper.launch.resume import write_run_marker
+
+                write_run_marker(self.checkpoint_dir, handle.run_id, spec=self.spec)  # for a resume
+        except Exception as e:  # noqa: BLE001 - a tag is not worth failing the job for
+            log.warning("could not tag run %s with its checkpoint folder: %s", handle.run_id, e)
+
+    def finish(self, *, status: str, error: str | None):
+        """End the run with the job's status; a run never created is reported with its spool."""
+        if self.opener is None:
+            return None
+        handle = self.opener.wait(self.spec.tracking.close_timeout_s)
+        if handle is not None:
+            from temper.tracking import end_run
+
+            end_run(handle, status=status, error=error)
+            return handle
+        from temper.tracking.spool import Spool
+
+        spool = Spool(self.run_info["spool_dir"], max_bytes=0)
+        if spool.folder.is_dir():
+            from temper.spec.loader import spec_to_yaml
+
+            spool.write_meta({"status": status, "error": error, "launcher": self.launcher.name})
+            (spool.folder / "spec.yaml").write_text(spec_to_yaml(self.spec))
+        reason = f" ({self.opener.error})" if self.opener.error else ""
+        console.print(
+            f"[yellow]warning:[/yellow] no MLflow run was recorded: {self.run_info['tracking_uri']} stayed "
+            f"unreachable for the whole job ({self.opener.unreachable_s:.0f} s){reason}. Its metrics are kept "
+            f"in {spool.folder}; send them with: temper runs sync {spool.folder}", soft_wrap=True)
+        return None
 
 
 def _announce(handle) -> None:

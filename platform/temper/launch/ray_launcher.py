@@ -24,6 +24,7 @@ FORWARDED_ENV = (
     "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_INSECURE_TLS",
     "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3",
     "TEMPER_FAULT", "TEMPER_FAULT_ONCE",  # fault injection (temper.runtime.faults)
+    "TEMPER_SPOOL_DIR",  # where undelivered metrics wait (temper.tracking.spool)
 )
 
 
@@ -45,6 +46,12 @@ def _progress_sink_class():
         def stop_requested(self) -> bool:
             return self.stop
 
+        def set_run_id(self, run_id: str) -> None:
+            self.mlflow_run_id = run_id
+
+        def run_id(self) -> str | None:
+            return getattr(self, "mlflow_run_id", None)
+
         def drain(self) -> list[dict]:
             events, self.events = self.events, []
             return events
@@ -61,6 +68,8 @@ class RayLauncher(Launcher):
             _use_token_auth_if_available()  # before any `import ray`: Ray reads it at import
         self._started_ray = False
         self._stop = threading.Event()
+        self._sink: Any = None
+        self._run_id: str | None = None
 
     def _init_ray(self, job: Job) -> None:
         import ray
@@ -130,6 +139,9 @@ class RayLauncher(Launcher):
 
         self._init_ray(job)
         sink = _progress_sink_class().remote()
+        self._sink = sink
+        if self._run_id is not None:  # created before the actor existed
+            sink.set_run_id.remote(self._run_id)
         self._display = ProgressDisplay(title=job.spec.name)
         self._result = LaunchResult(steps=0)
         pump = threading.Thread(target=self._pump, args=(sink,), daemon=True)
@@ -207,6 +219,11 @@ class RayLauncher(Launcher):
                 self._consume(ray.get(sink.drain.remote(), timeout=5))
             except Exception:  # the display is best effort; training must not care
                 return
+
+    def publish_run_id(self, run_id: str) -> None:
+        self._run_id = run_id
+        if self._sink is not None:
+            self._sink.set_run_id.remote(run_id)
 
     def stop(self) -> None:
         self._stop.set()

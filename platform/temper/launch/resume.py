@@ -32,9 +32,21 @@ class ResumePlan:
     step: int | None = None  # the checkpoint step it continues from
     path: str | None = None  # that checkpoint's folder
     note: str | None = None  # what the driver tells the user
+    marker_run_id: str | None = None  # a `pending-` folder's MLflow run, created after it
 
     def run_dir(self, run_id: str) -> str:
         return join(self.root, run_id)
+
+    @property
+    def mlflow_run_id(self) -> str | None:
+        """The MLflow run to continue: the folder's name, except for folders of runs that
+        had none when they started (`local-`: tracking off; `pending-`: the server was
+        down, see write_run_marker)."""
+        if self.run_id is None or self.run_id.startswith("local-"):
+            return None
+        if self.run_id.startswith("pending-"):
+            return self.marker_run_id
+        return self.run_id
 
 
 def join(base: str, name: str) -> str:
@@ -85,11 +97,11 @@ def _explicit(spec: JobSpec, *, root: str, target: str) -> ResumePlan:
         if latest is None:
             raise TemperError(f"--resume {target}: no committed checkpoint in {join(root, target)}; "
                               "check the run id and checkpoint.dir, or pass --no-resume")
-        return _plan_from(latest, root=root, run_id=target)
+        return _plan_from(latest, root=root, run_id=target, storage_options=opts)
     target = str(Path(target).resolve()) if "://" not in target else target.rstrip("/")
     latest = find_latest(target, storage_options=opts)
     if latest is not None:  # a run folder
-        return _plan_from(latest, root=_parent(target), run_id=_name(target))
+        return _plan_from(latest, root=_parent(target), run_id=_name(target), storage_options=opts)
     ckpt = read_checkpoint(target, storage_options=opts)  # a step folder: TemperError if broken
     run_dir = _parent(target)
     newest = find_latest(run_dir, storage_options=opts)
@@ -99,7 +111,7 @@ def _explicit(spec: JobSpec, *, root: str, target: str) -> ResumePlan:
             "resuming an older step would mix two histories in one run: resume the run, or copy the "
             "step folder into a new checkpoint.dir"
         )
-    return _plan_from(ckpt, root=_parent(run_dir), run_id=_name(run_dir))
+    return _plan_from(ckpt, root=_parent(run_dir), run_id=_name(run_dir), storage_options=opts)
 
 
 def _attach(spec: JobSpec, *, root: str, run_id: str) -> ResumePlan:
@@ -110,7 +122,7 @@ def _attach(spec: JobSpec, *, root: str, run_id: str) -> ResumePlan:
 
         latest = find_latest(join(root, run_id), storage_options=storage_options(spec))
         if latest is not None:
-            return _plan_from(latest, root=root, run_id=run_id)
+            return _plan_from(latest, root=root, run_id=run_id, storage_options=storage_options(spec))
     return ResumePlan(root=root, run_id=run_id, note=f"logging into MLflow run {run_id} from step 0")
 
 
@@ -131,12 +143,35 @@ def _automatic(spec: JobSpec, *, root: str) -> ResumePlan:
             f"run {_name(run_dir)} already reached step {latest.manifest.step} (train.max_steps="
             f"{spec.train.max_steps}): starting a new run; raise train.max_steps to train it on "
             f"(--resume {_name(run_dir)})"))
-    return _plan_from(latest, root=root, run_id=_name(run_dir))
+    return _plan_from(latest, root=root, run_id=_name(run_dir), storage_options=opts)
 
 
-def _plan_from(ckpt, *, root: str, run_id: str) -> ResumePlan:
-    return ResumePlan(root=root, run_id=run_id, step=ckpt.manifest.step, path=ckpt.path,
-                      note=f"resuming run {run_id} from step {ckpt.manifest.step} ({ckpt.path})")
+def _plan_from(ckpt, *, root: str, run_id: str, storage_options: dict | None = None) -> ResumePlan:
+    marker = read_run_marker(join(root, run_id), storage_options) if run_id.startswith("pending-") else None
+    return ResumePlan(root=root, run_id=run_id, step=ckpt.manifest.step, path=ckpt.path, marker_run_id=marker,
+                      note=f"resuming run {marker or run_id} from step {ckpt.manifest.step} ({ckpt.path})")
+
+
+MARKER = "mlflow-run-id"
+
+
+def write_run_marker(run_dir: str, run_id: str, *, spec: JobSpec) -> None:
+    """A `pending-` run folder (MLflow was down when the job started) names its run once
+    the driver created it, so that a resumed job continues that run."""
+    import fsspec
+
+    with fsspec.open(join(run_dir, MARKER), "w", **(storage_options(spec) or {})) as f:
+        f.write(run_id)
+
+
+def read_run_marker(run_dir: str, opts: dict | None) -> str | None:
+    import fsspec
+
+    try:
+        with fsspec.open(join(run_dir, MARKER), "r", **(opts or {})) as f:
+            return f.read().strip() or None
+    except FileNotFoundError:
+        return None
 
 
 def _run_dirs(root: str, opts: dict | None) -> list[str]:

@@ -100,7 +100,7 @@ def open_submission_run(spec: JobSpec, *, workdir: Path, target: str):
     reachable from here and from the cluster: an http(s) MLflow server."""
     if not spec.tracking.enabled:
         return None
-    from temper.tracking.mlflow_tracker import is_http_uri
+    from temper.tracking.backend import is_http_uri
     from temper.tracking.runs import resolve_tracking_uri, start_run
 
     uri = resolve_tracking_uri(spec.tracking.uri, workdir=workdir)

@@ -58,6 +58,22 @@ class DistContext:
         dist.all_gather(out, t)
         return [float(x.item()) for x in out]
 
+    def all_gather_rows(self, values: torch.Tensor) -> torch.Tensor:
+        """Every rank's 1-D tensor stacked in rank order: shape (world_size, n)."""
+        if not (self.distributed and self.world_size > 1):
+            return values.unsqueeze(0)
+        out = [torch.empty_like(values) for _ in range(self.world_size)]
+        dist.all_gather(out, values.contiguous())
+        return torch.stack(out)
+
+    def all_gather_objects(self, value: object) -> list[object]:
+        """Every rank's picklable value, in rank order (setup only: it pickles)."""
+        if not (self.distributed and self.world_size > 1):
+            return [value]
+        out: list[object] = [None] * self.world_size
+        dist.all_gather_object(out, value)
+        return out
+
     def close(self) -> None:
         if self.owns_process_group and self.distributed:
             dist.destroy_process_group()

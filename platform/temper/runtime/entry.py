@@ -77,6 +77,13 @@ class _RayReporter(Reporter):
         if self.sink is not None:
             self.sink.push.remote(event)  # fire and forget: never waits on the driver
 
+    def run_id(self, run_info: dict | None) -> str | None:
+        if self.sink is None:
+            return None
+        import ray
+
+        return ray.get(self.sink.run_id.remote(), timeout=10) or super().run_id(run_info)
+
     def should_stop(self) -> bool:
         if self.sink is None:
             return False

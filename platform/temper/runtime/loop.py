@@ -33,6 +33,7 @@ from temper.runtime.faults import Fault, fault_from_env
 from temper.runtime.optim import build_optimizer, build_scheduler
 from temper.runtime.perf import PerfMeter, peak_flops
 from temper.runtime.report import Reporter
+from temper.runtime.system import StepTimer, SystemSampler, node_name, rank_metrics
 from temper.spec.models import JobSpec
 from temper.strategies import Strategy, build_strategy
 from temper.tracking import build_tracker
@@ -59,6 +60,30 @@ class _Skips:
 
     consecutive: int = 0
     total: int = 0
+
+
+@dataclass
+class _Probe:
+    """Each rank's own step time and node usage, gathered at logging steps (runtime/system.py)."""
+
+    timer: StepTimer
+    sampler: SystemSampler
+    nodes: list[str]
+    local_ranks: list[int]
+
+    @classmethod
+    def build(cls, spec: JobSpec, ctx: DistContext) -> _Probe:
+        where = ctx.all_gather_objects((node_name(), ctx.local_rank))
+        return cls(timer=StepTimer(ctx.device),
+                   sampler=SystemSampler(ctx.device, enabled=spec.tracking.system_metrics),
+                   nodes=[w[0] for w in where], local_ranks=[w[1] for w in where])
+
+    def row(self) -> list[float]:
+        return [*self.timer.window(), *self.sampler.sample()]
+
+    def metrics(self, rows: list[list[float]]) -> dict[str, float]:
+        return rank_metrics(rows, nodes=self.nodes, local_ranks=self.local_ranks,
+                            system=self.sampler.enabled)
 
 
 @dataclass
@@ -97,7 +122,10 @@ def train(
     # Tensor-parallel peers share data and dropout masks: split and seed by the data-parallel rank.
     torch.manual_seed(spec.seed + 1 + strategy.data_rank)  # dropout differs per replica, reproducibly
     data = build_data(spec, rank=strategy.data_rank, world_size=strategy.data_world_size)
-    tracker = build_tracker(run_info, rank=ctx.rank, spec=spec)
+    tracker = build_tracker(run_info, rank=ctx.rank, spec=spec,
+                            run_id_source=lambda: reporter.run_id(run_info))
+    probe = _Probe.build(spec, ctx)
+    tracker.set_tags({"temper.hosts": ",".join(dict.fromkeys(probe.nodes)), "temper.world_size": str(ctx.world_size)})
     keeper = _keeper(spec, ctx=ctx, run_info=run_info)
     result = TrainResult(steps=0)
     if keeper is not None:
@@ -117,6 +145,7 @@ def train(
         _run_steps(
             spec=spec, ctx=ctx, strategy=strategy, objective=objective, scheduler=scheduler,
             data=data, tracker=tracker, perf=perf, reporter=reporter, result=result, keeper=keeper,
+            probe=probe,
         )
         if keeper is not None:
             keeper.close()  # an async save in flight is committed before the run ends
@@ -133,7 +162,8 @@ def _keeper(spec: JobSpec, *, ctx: DistContext, run_info: dict | None) -> Checkp
     return CheckpointKeeper(spec=spec, ctx=ctx, run_info=run_info)
 
 
-def _run_steps(*, spec, ctx, strategy, objective, scheduler, data, tracker, perf, reporter, result, keeper):
+def _run_steps(*, spec, ctx, strategy, objective, scheduler, data, tracker, perf, reporter, result, keeper,
+               probe):
     """The step loop: train; log every `log_every`; checkpoint every `checkpoint.every_steps`,
     at the end and on a stop request; evaluate every `eval_every` and at the end."""
     t, every = spec.train, spec.checkpoint.every_steps
@@ -149,7 +179,7 @@ def _run_steps(*, spec, ctx, strategy, objective, scheduler, data, tracker, perf
         lr = scheduler.get_last_lr()[0]
         samples, tokens = _train_step(
             strategy=strategy, objective=objective, batches=batches, ctx=ctx, spec=spec,
-            window=window, autocast=autocast, step=step, fault=fault, skips=skips,
+            window=window, autocast=autocast, step=step, fault=fault, skips=skips, timer=probe.timer,
         )
         scheduler.step()
         perf.tick(samples=samples, tokens=tokens)
@@ -159,7 +189,7 @@ def _run_steps(*, spec, ctx, strategy, objective, scheduler, data, tracker, perf
             stop = ctx.is_main and not last and reporter.should_stop()
             metrics, result.stopped = _close_window(window, ctx=ctx, perf=perf, stop=stop,
                                                     skipped=getattr(data, "skipped", None),
-                                                    replicas=strategy.data_world_size)
+                                                    replicas=strategy.data_world_size, probe=probe)
             metrics["train/lr"] = lr
             _check_finite(metrics["train/loss"], step=step)  # before any checkpoint of this window
             if t.on_nan == "skip":
@@ -186,7 +216,7 @@ def _run_steps(*, spec, ctx, strategy, objective, scheduler, data, tracker, perf
 
 def _train_step(*, strategy: Strategy, objective: Objective, batches: Iterator, ctx: DistContext,
                 spec: JobSpec, window: _Window, autocast, step: int, fault: Fault | None,
-                skips: _Skips) -> tuple[int, int]:
+                skips: _Skips, timer: StepTimer) -> tuple[int, int]:
     """One optimizer step over `grad_accum` micro-batches; returns this rank's samples, tokens.
     With on_nan=skip a step whose loss or gradient norm is not finite on any rank updates
     nothing (every rank decides alike) and does not enter the window's averages."""
@@ -194,11 +224,16 @@ def _train_step(*, strategy: Strategy, objective: Objective, batches: Iterator, 
     samples = tokens = 0
     loss_sum = torch.zeros((), device=ctx.device)
     step_metrics: dict[str, torch.Tensor] = {}
+    timer.step()
     for micro in range(accum):
+        timer.data_start()
         batch = _to_device(next(batches), ctx.device)
+        timer.data_end()
         with strategy.accumulate(sync=micro == accum - 1):
+            timer.compute_start()
             with autocast():
                 out = objective(strategy.model, batch)
+            timer.compute_end()
             loss = out.loss if fault is None else fault.poison(out.loss, step=step, rank=ctx.rank)
             strategy.backward(loss / accum)
         loss_sum += loss.detach().float() / accum
@@ -225,7 +260,9 @@ def _train_step(*, strategy: Strategy, objective: Objective, batches: Iterator, 
     window.grad_norm += grad_norm
     for key, value in step_metrics.items():
         window.metrics[key] = window.metrics.get(key, 0.0) + value
+    timer.compute_start()
     strategy.step()
+    timer.compute_end()
     window.steps += 1
     return samples, tokens
 
@@ -237,20 +274,27 @@ def _finite_everywhere(ctx: DistContext, *values: torch.Tensor) -> bool:
 
 
 def _close_window(window: _Window, *, ctx: DistContext, perf: PerfMeter, stop: bool,
-                  skipped: int | None = None, replicas: int = 1) -> tuple[dict[str, float], bool]:
+                  skipped: int | None = None, replicas: int = 1,
+                  probe: _Probe | None = None) -> tuple[dict[str, float], bool]:
     """Average the window over its steps and over ranks, add perf rates, and share rank 0's
-    stop request and the data replicas' skipped-sample counts (summed; tensor-parallel peers
-    read the same samples), all in one all-reduce."""
+    stop request, the data replicas' skipped-sample counts (summed; tensor-parallel peers
+    read the same samples) and each rank's step time and node usage, all in one all-gather."""
+    rates = perf.window()  # synchronizes the device: the probe's CUDA events are complete
     keys = ["train/loss", "train/grad_norm", *sorted(window.metrics)]
     values = [window.loss.float(), window.grad_norm, *(window.metrics[k] for k in keys[2:])]
     local = torch.stack(values) / max(window.steps, 1)
-    extra = torch.tensor([float(stop), float(skipped or 0)], device=local.device)
-    mean = ctx.all_reduce_mean(torch.cat([local, extra])).tolist()
-    metrics = dict(zip(keys, mean[:-2], strict=True))
+    extra = torch.tensor([float(stop), float(skipped or 0), *(probe.row() if probe else [])],
+                         dtype=local.dtype, device=local.device)
+    rows = ctx.all_gather_rows(torch.cat([local, extra]))
+    n = len(keys)
+    mean = rows[:, :n + 2].mean(dim=0).tolist()
+    metrics = dict(zip(keys, mean[:n], strict=True))
     if skipped is not None:
-        metrics["data/skipped_samples"] = round(mean[-1] * replicas)
-    metrics.update(perf.window())
-    return metrics, mean[-2] > 0
+        metrics["data/skipped_samples"] = round(mean[n + 1] * replicas)
+    metrics.update(rates)
+    if probe is not None and ctx.is_main:
+        metrics.update(probe.metrics(rows[:, n + 2:].tolist()))
+    return metrics, mean[n] > 0
 
 
 @torch.no_grad()

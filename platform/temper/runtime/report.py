@@ -30,6 +30,15 @@ class Reporter:
         """Has the driver asked the job to stop? Asked on rank 0 at logging steps only."""
         return bool(self.stop_file) and os.path.exists(self.stop_file)
 
+    def run_id(self, run_info: dict | None) -> str | None:
+        """The MLflow run the driver created after the job started (the server was down at
+        start): it writes the id to run_info["run_id_file"]. Asked by the tracker's thread."""
+        path = (run_info or {}).get("run_id_file")
+        if not path or not os.path.exists(path):
+            return None
+        with open(path) as f:
+            return f.read().strip() or None
+
     def close(self) -> None:
         if self.display is not None:
             self.display.close()

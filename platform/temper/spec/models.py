@@ -298,7 +298,18 @@ class TrackingSpec(_Spec):
     experiment: str = Field(default="temper", min_length=1, description="MLflow experiment name.")
     tags: dict[str, str] = Field(default_factory=dict, description="Extra tags on the run.")
     flush_every_s: float = Field(default=2.0, gt=0, description="Max seconds between batches.")
-    max_buffered: int = Field(default=100_000, ge=100, description="Metrics held in memory.")
+    max_buffered: int = Field(default=100_000, ge=100, description=(
+        "Metrics rank 0 holds in memory while MLflow is unreachable; the oldest beyond go to disk."))
+    spool_dir: str | None = Field(default=None, description=(
+        "Where undelivered metrics wait on disk (null: $TEMPER_SPOOL_DIR, else "
+        "~/.cache/temper/tracking-spool), one folder per run."))
+    max_spill_mb: float = Field(default=1024.0, gt=0, description=(
+        "Disk for undelivered metrics per run; beyond it the oldest are dropped (warned)."))
+    close_timeout_s: float = Field(default=30.0, ge=0, description=(
+        "At the end of a job, how long to wait for an unreachable MLflow before keeping the "
+        "undelivered metrics on disk (`temper runs sync`)."))
+    system_metrics: bool = Field(default=True, description=(
+        "Log CPU, memory and GPU use per node and each rank's step time (system/..., perf/...)."))
 
 
 class JobSpec(_Spec):

@@ -9,7 +9,7 @@ mlflow itself is imported lazily: workers other than rank 0 never import it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from temper.tracking.base import NoopTracker, Tracker
@@ -17,18 +17,25 @@ from temper.tracking.mlflow_tracker import MlflowTracker
 from temper.tracking.runs import RunHandle, end_run, resolve_tracking_uri, start_run
 
 
-def build_tracker(run_info: Mapping[str, Any] | None, *, rank: int, spec: Any) -> Tracker:
-    """Rank 0 of a tracked job logs to the driver's run; everything else is a NoopTracker."""
+def build_tracker(run_info: Mapping[str, Any] | None, *, rank: int, spec: Any,
+                  run_id_source: Callable[[], str | None] | None = None) -> Tracker:
+    """Rank 0 of a tracked job logs to the driver's run; everything else is a NoopTracker.
+    Without a run id yet (the server was down at start) rank 0 buffers and asks
+    `run_id_source` until the driver has created the run."""
     if rank != 0 or not run_info or not spec.tracking.enabled:
         return NoopTracker()
     run_id, uri = run_info.get("run_id"), run_info.get("tracking_uri")
-    if not run_id or not uri:
+    if not uri or (not run_id and run_id_source is None):
         return NoopTracker()
     return MlflowTracker(
-        run_id=run_id,
+        run_id=run_id or None,
         tracking_uri=uri,
         flush_every_s=spec.tracking.flush_every_s,
         max_buffered=spec.tracking.max_buffered,
+        run_id_source=run_id_source,
+        spool_dir=run_info.get("spool_dir"),
+        max_spill_mb=spec.tracking.max_spill_mb,
+        meta={"experiment": run_info.get("experiment"), "run_name": run_info.get("run_name")},
     )
 
 

@@ -1,184 +1,87 @@
 """Rank 0's metrics into the driver's MLflow run, without ever slowing the training step.
 
-    log_metrics()  -> append (key, value, step, timestamp_ms) to a bounded deque   [microseconds]
+    log_metrics()  -> append (key, value, step, timestamp_ms) to a deque in memory   [microseconds]
     sender thread  -> LogBatch of <= 1000 metrics, in order, every flush_every_s
                       (sooner when >= 1000 are pending); on failure: keep them, back off
-                      0.5 s, 1 s, 2 s ... 30 s, retry; beyond max_buffered: drop the oldest
-    close()        -> deliver what is pending within timeout_s; warn about what was not
+                      0.5 s, 1 s, 2 s ... 30 s, retry
+                   -> more than max_buffered waiting in memory: the oldest go to disk
+                      (temper.tracking.spool), delivered first once the server is back;
+                      beyond tracking.max_spill_mb on disk: the oldest are dropped (warned)
+                   -> no run id yet (the server was down when the job started): wait for the
+                      driver to create the run (`run_id_source`), meanwhile buffer as above
+    close()        -> deliver what is pending within timeout_s; keep what was not on disk and
+                      warn with its folder (a resumed job, or `temper runs sync`, sends it)
 
-MLflow's own HTTP retry loop is bypassed for these calls: MlflowClient retries a refused
-connection 7 times with exponential backoff (MLFLOW_HTTP_REQUEST_MAX_RETRIES=7,
-MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR=2: about 4 minutes per call) and waits up to
-MLFLOW_HTTP_REQUEST_TIMEOUT=120 s per attempt. Those environment variables are read by
-every request in the process, so they cannot be shortened for one thread or one client
-without changing them for everything else. Instead `MlflowBackend` sends http(s) requests
-through a RestStore whose transport passes max_retries=0 and a short timeout to
-mlflow.utils.rest_utils.http_request (what MLflow itself does for its /version probe), and
-the sender thread retries on its own schedule. Other stores (sqlite, file) use MlflowClient.
+The HTTP calls are single attempts with a short timeout (temper.tracking.backend).
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
-import re
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
+from temper.tracking.backend import (
+    MAX_TAG_VALUE_CHARS,
+    METRICS_PER_BATCH,
+    TAGS_PER_BATCH,
+    MlflowBackend,
+    import_mlflow,
+    is_rejection,
+    short_reason,
+)
 from temper.tracking.base import Tracker
+from temper.tracking.spool import Point, Spool
 
 log = logging.getLogger(__name__)
 
-#: MLflow's limits per LogBatch request (mlflow.utils.validation).
-METRICS_PER_BATCH = 1000
-TAGS_PER_BATCH = 100
-MAX_TAG_VALUE_CHARS = 8000
-#: HTTP statuses that mean "try again later" although they are 4xx.
-_RETRYABLE_4XX = frozenset({408, 409, 425, 429})
-
-
-def is_http_uri(uri: str) -> bool:
-    return uri.startswith(("http://", "https://"))
-
-
-def short_reason(exc: BaseException) -> str:
-    """A one-line reason for a tracking failure (`[Errno 111] Connection refused`, `HTTP 503`)."""
-    text = " ".join(str(exc).split())
-    match = re.search(r"\[Errno -?\d+\][^'\")]*", text)
-    if match:
-        return match.group(0).strip()
-    if "Read timed out" in text or "timed out" in text.lower():
-        return "timed out"
-    match = re.search(r"too many (\d{3}) error responses", text)
-    if match:
-        return f"HTTP {match.group(1)}"
-    return text[:200] or type(exc).__name__
-
-
-def is_rejection(exc: BaseException) -> bool:
-    """True when the server refused the request itself (bad key, deleted run): retrying the
-    same data cannot succeed. Connection problems, timeouts and 5xx are not rejections."""
-    from mlflow.exceptions import MlflowException
-
-    if not isinstance(exc, MlflowException):
-        return False
-    status = exc.get_http_status_code()
-    return 400 <= status < 500 and status not in _RETRYABLE_4XX
-
-
-@functools.cache
-def _fast_fail_store_class() -> type:
-    from mlflow.store.tracking.rest_store import RestStore
-    from mlflow.utils.proto_json_utils import parse_dict
-    from mlflow.utils.rest_utils import http_request, verify_rest_response
-
-    class FastFailRestStore(RestStore):
-        """RestStore whose requests are sent once, with a short timeout (no urllib3 retries)."""
-
-        timeout_s: float = 10.0
-
-        def _call_endpoint(self, api, json_body=None, endpoint=None, retry_timeout_seconds=None,
-                           response_proto=None):
-            table = self._V3_METHOD_TO_INFO if api in self._V3_APIS else self._METHOD_TO_INFO
-            default_endpoint, method = table[api]
-            endpoint = endpoint or default_endpoint
-            body = json.loads(json_body) if json_body is not None else None
-            payload = {"params": body} if method == "GET" else {"json": body}
-            response = http_request(self.get_host_creds(), endpoint, method, max_retries=0,
-                                    timeout=self.timeout_s, **payload)
-            response = verify_rest_response(response, endpoint)
-            response_proto = response_proto or api.Response()
-            if response.status_code != 204:
-                parse_dict(js_dict=json.loads(response.text), message=response_proto)
-            return response_proto
-
-    return FastFailRestStore
-
-
-class MlflowBackend:
-    """The few MLflow writes the tracker and `end_run` make; over HTTP each is one attempt
-    bounded by `timeout_s` (see the module docstring)."""
-
-    def __init__(self, tracking_uri: str, *, timeout_s: float = 10.0) -> None:
-        self.tracking_uri = tracking_uri
-        self._client: Any = None
-        self._store: Any = None
-        if is_http_uri(tracking_uri):
-            from mlflow.utils.credentials import get_default_host_creds
-
-            self._store = _fast_fail_store_class()(
-                functools.partial(get_default_host_creds, tracking_uri)
-            )
-            self._store.timeout_s = timeout_s
-        else:
-            from mlflow import MlflowClient
-
-            self._client = MlflowClient(tracking_uri=tracking_uri)
-
-    def log_batch(self, run_id: str, *, metrics: Iterable[Any] = (), tags: Iterable[Any] = ()) -> None:
-        metrics, tags = list(metrics), list(tags)
-        if self._store is not None:
-            self._store.log_batch(run_id, metrics=metrics, params=[], tags=tags)
-        else:
-            self._client.log_batch(run_id, metrics=metrics, tags=tags, synchronous=True)
-
-    def max_logged_step(self, run_id: str, key: str) -> int | None:
-        """The highest step logged for metric `key` in the run (None: none yet)."""
-        if self._store is not None:
-            history = self._store.get_metric_history(run_id, key)
-        else:
-            history = self._client.get_metric_history(run_id, key)
-        return max((m.step for m in history), default=None)
-
-    def set_terminated(self, run_id: str, *, status: str, end_time_ms: int) -> None:
-        if self._store is not None:
-            from mlflow.entities import RunStatus
-
-            self._store.update_run_info(run_id, run_status=RunStatus.from_string(status),
-                                        end_time=end_time_ms, run_name=None)
-        else:
-            self._client.set_terminated(run_id, status=status, end_time=end_time_ms)
-
-
-def _import_mlflow() -> None:
-    """Import the MLflow modules the sender thread uses, on the calling thread. Importing
-    them for the first time from two threads at once (the sender's first flush while the
-    main thread reads the run at resume) trips Python's import-lock deadlock detection and
-    leaves a half-initialized `mlflow` module behind, after which nothing is ever sent."""
-    import mlflow  # noqa: F401
-    import mlflow.entities  # noqa: F401
-    import mlflow.store.tracking.rest_store  # noqa: F401
-    import mlflow.tracking.client  # noqa: F401
-    import mlflow.utils.credentials  # noqa: F401
+#: In memory, a hard ceiling of this many times max_buffered: only reached when the disk
+#: cannot keep up (or no spool folder); the oldest are then dropped.
+_HARD_CEILING = 4
 
 
 class MlflowTracker(Tracker):
-    """Logs into an existing MLflow run (created by the driver) from a background thread.
+    """Logs into an MLflow run created by the driver, from a background thread.
 
-    Memory is bounded by `max_buffered` waiting metrics plus one batch (<= 1000) in flight.
-    Counters for tests and reports: `sent`, `dropped` (oldest discarded because more than
-    `max_buffered` were waiting), `rejected` (refused by the server, e.g. an invalid key),
-    `pending` (waiting or in flight), `unreachable_s`.
+    Memory is bounded by ~`max_buffered` waiting metrics plus one batch (<= 1000) in flight;
+    the overflow waits in `spool_dir` (None: no disk, the oldest are dropped instead).
+    Counters for tests and reports: `sent`, `dropped`, `rejected` (refused by the server,
+    e.g. an invalid key), `pending` (in memory, in flight or on disk), `spilled` (written to
+    disk so far), `unreachable_s`.
     """
 
-    def __init__(self, *, run_id: str, tracking_uri: str, flush_every_s: float = 2.0,
+    def __init__(self, *, run_id: str | None, tracking_uri: str, flush_every_s: float = 2.0,
                  max_buffered: int = 100_000, backoff_initial_s: float = 0.5,
-                 backoff_max_s: float = 30.0, request_timeout_s: float = 10.0) -> None:
+                 backoff_max_s: float = 30.0, request_timeout_s: float = 10.0,
+                 run_id_source: Callable[[], str | None] | None = None,
+                 spool_dir: str | Path | None = None, max_spill_mb: float = 1024.0,
+                 meta: Mapping[str, Any] | None = None) -> None:
         if flush_every_s <= 0 or max_buffered < 1:
             raise ValueError("flush_every_s must be > 0 and max_buffered >= 1")
+        if run_id is None and run_id_source is None:
+            raise ValueError("a tracker without a run id needs run_id_source")
         self.run_id, self.tracking_uri = run_id, tracking_uri
+        self._run_id_source = run_id_source
         self._flush_every_s, self._max_buffered = flush_every_s, max_buffered
         self._backoff = (backoff_initial_s, backoff_max_s)
         self._request_timeout_s = request_timeout_s
         self._lock = threading.RLock()  # RLock: close() from a signal handler cannot deadlock
-        self._buffer: deque[tuple[str, float, int, int]] = deque()
-        self._inflight: list[tuple[str, float, int, int]] = []
+        self._buffer: deque[Point] = deque()
+        self._inflight: list[Point] = []
+        self._replay: deque[Point] = deque()  # read back from the oldest segment on disk
+        self._replay_file: Path | None = None  # that segment: removed once fully sent
+        self._inflight_file: Path | None = None  # the batch in flight finishes this segment
+        self._inflight_on_disk = False  # the batch in flight came from disk (not `unsent`)
+        self._spool = Spool(spool_dir, max_bytes=int(max_spill_mb * 2**20)) if spool_dir else None
+        self._on_disk = self._spool.count() if self._spool else 0  # leftovers of an earlier attempt
+        if self._spool is not None:
+            self._spool.write_meta({"run_id": run_id, "tracking_uri": tracking_uri, **(meta or {})})
         self._tags: dict[str, str] = {}
-        self._sent = self._dropped = self._rejected = 0
+        self._sent = self._dropped = self._rejected = self._spilled = 0
         self._warned: set[str] = set()
         self._outage_since: float | None = None
         self._outage_total_s = 0.0
@@ -189,7 +92,7 @@ class MlflowTracker(Tracker):
         self._stop = threading.Event()  # close() deadline passed: exit now
         self._closed = False
         self._skip_through: int | None = None  # resumed: steps already in the run are not re-logged
-        _import_mlflow()  # here, before the sender thread exists: see _import_mlflow
+        import_mlflow()  # here, before the sender thread exists: see import_mlflow
         self._thread = threading.Thread(target=self._run, name="temper-mlflow-tracker", daemon=True)
         self._thread.start()
 
@@ -208,31 +111,34 @@ class MlflowTracker(Tracker):
                                 key, value)
         with self._lock:
             self._buffer.extend(points)
-            overflow = len(self._buffer) - self._max_buffered
+            overflow = len(self._buffer) - _HARD_CEILING * self._max_buffered
             for _ in range(overflow):
                 self._buffer.popleft()
             if overflow > 0:
                 self._dropped += overflow
-            ready = len(self._buffer) >= METRICS_PER_BATCH
+            ready = len(self._buffer) >= METRICS_PER_BATCH or len(self._buffer) > self._max_buffered
         if ready and not self._batch_ready.is_set():
             self._batch_ready.set()
 
-    def unsent(self) -> list[tuple[str, float, int, int]]:
+    def unsent(self) -> list[Point]:
+        """What only memory holds (spilled segments stay on disk for the next attempt)."""
         with self._lock:
-            return [*self._inflight, *self._buffer]
+            inflight = [] if self._inflight_on_disk else self._inflight
+            return [*inflight, *self._buffer]
 
-    def resume_after(self, step: int, *, carried: list[tuple[str, float, int, int]] = ()) -> None:
+    def resume_after(self, step: int, *, carried: list[Point] = ()) -> None:
         """Asks the server once for the run's last logged step (here, at resume: the step
         path never waits on HTTP). Carried metrics beyond it are queued again, in order;
         new metrics up to it are dropped. Unreachable server: everything carried is queued
         (a duplicate then repeats the same value: resume is exact)."""
         logged = None
-        try:
-            logged = MlflowBackend(self.tracking_uri, timeout_s=self._request_timeout_s).max_logged_step(
-                self.run_id, "train/loss")
-        except Exception as e:  # noqa: BLE001 - best effort
-            log.warning("could not read run %s's last logged step (%s); steps after %d may appear twice",
-                        self.run_id, short_reason(e), step)
+        if self.run_id is not None:
+            try:
+                logged = MlflowBackend(self.tracking_uri, timeout_s=self._request_timeout_s).max_logged_step(
+                    self.run_id, "train/loss")
+            except Exception as e:  # noqa: BLE001 - best effort
+                log.warning("could not read run %s's last logged step (%s); steps after %d may appear twice",
+                            self.run_id, short_reason(e), step)
         missing = [p for p in carried if logged is None or p[2] > logged]
         with self._lock:
             self._buffer.extendleft(reversed(missing))
@@ -258,9 +164,13 @@ class MlflowTracker(Tracker):
         return self._rejected
 
     @property
+    def spilled(self) -> int:
+        return self._spilled
+
+    @property
     def pending(self) -> int:
         with self._lock:
-            return len(self._buffer) + len(self._inflight)
+            return len(self._buffer) + len(self._inflight) + len(self._replay) + self._on_disk
 
     @property
     def unreachable_s(self) -> float:
@@ -277,19 +187,25 @@ class MlflowTracker(Tracker):
         self._thread.join(max(timeout_s, 0.0))
         if self._thread.is_alive():
             self._stop.set()  # a request in flight finishes in the background (daemon thread)
-            self._thread.join(0.2)
-        self._report()
+            self._thread.join(max(self._request_timeout_s, 0.2) + 1.0)
+        kept = self._keep_on_disk() if not self._thread.is_alive() else 0
+        self._report(kept)
 
     # ------------------------------------------------------------------ sender thread
 
     def _run(self) -> None:
         backoff = self._backoff[0]
         while not self._stop.is_set():
-            if self._flush():
+            ok = self._flush()
+            self._spill_overflow()
+            self._warn_drops()
+            if ok:
                 backoff = self._backoff[0]
                 if self._closing.is_set():
                     if not self.pending and not self._tags:
                         break
+                    if self.run_id is None:  # still no run: keep asking until close's deadline
+                        self._stop.wait(0.5)
                     continue
                 self._batch_ready.wait(self._flush_every_s)
                 self._batch_ready.clear()
@@ -297,10 +213,12 @@ class MlflowTracker(Tracker):
                 # Wake early for close() once, then keep backing off until its deadline.
                 (self._stop if self._closing.is_set() else self._closing).wait(backoff)
                 backoff = min(backoff * 2, self._backoff[1])
-            self._warn_drops()
 
     def _flush(self) -> bool:
-        """Send tags, then every pending metric in order; False on a failure worth retrying."""
+        """Send tags, then every pending metric in order; False on a failure worth retrying.
+        True without sending while the run does not exist yet."""
+        if self.run_id is None and not self._resolve_run_id():
+            return True
         try:
             if self._backend is None:
                 self._backend = MlflowBackend(self.tracking_uri, timeout_s=self._request_timeout_s)
@@ -315,14 +233,43 @@ class MlflowTracker(Tracker):
             return False
         return True
 
-    def _take_batch(self) -> list[tuple[str, float, int, int]]:
+    def _resolve_run_id(self) -> bool:
+        try:
+            run_id = self._run_id_source() if self._run_id_source else None
+        except Exception as e:  # noqa: BLE001 - the driver is slow or gone: ask again later
+            log.debug("asking for the run id failed: %s", e)
+            run_id = None
+        if not run_id:
+            return False
+        self.run_id = run_id
+        if self._spool is not None:
+            self._spool.write_meta({"run_id": run_id})
+        log.warning("MLflow run %s exists now; sending the %d metrics buffered meanwhile", run_id, self.pending)
+        return True
+
+    def _take_batch(self) -> list[Point]:
+        """The next batch in logged order: disk (oldest) first, then memory."""
         with self._lock:
-            if not self._inflight:
-                n = min(METRICS_PER_BATCH, len(self._buffer))
-                self._inflight = [self._buffer.popleft() for _ in range(n)]
+            if self._inflight:
+                return self._inflight
+        if not self._replay and self._spool is not None and self._on_disk:
+            segments = self._spool.segments()
+            if segments:
+                self._replay_file, points = self._spool.take(segments[0])
+                with self._lock:
+                    self._replay.extend(points)
+                    self._on_disk = max(self._on_disk - len(points), 0)
+            else:
+                self._on_disk = 0
+        with self._lock:
+            source = self._replay if self._replay else self._buffer
+            n = min(METRICS_PER_BATCH, len(source))
+            self._inflight = [source.popleft() for _ in range(n)]
+            self._inflight_on_disk = source is self._replay and n > 0
+            self._inflight_file = self._replay_file if self._inflight_on_disk and not self._replay else None
             return self._inflight
 
-    def _send_metrics(self, batch: list[tuple[str, float, int, int]]) -> None:
+    def _send_metrics(self, batch: list[Point]) -> None:
         from mlflow.entities import Metric
 
         metrics = [Metric(key, value, ts, step) for key, value, step, ts in batch]
@@ -336,10 +283,14 @@ class MlflowTracker(Tracker):
         self._on_success()
         with self._lock:  # counters and `pending` change together
             self._inflight = []
+            self._inflight_on_disk = False
             if reason is None:
                 self._sent += len(batch)
             else:
                 self._rejected += len(batch)
+        if self._inflight_file is not None:  # that segment is delivered completely
+            self._inflight_file.unlink(missing_ok=True)
+            self._inflight_file = self._replay_file = None
         if reason is not None:
             self._warn_once("reject", "MLflow rejected %d metrics (%s); continuing without them",
                             len(batch), reason)
@@ -364,6 +315,65 @@ class MlflowTracker(Tracker):
                 self._tags = {**dict(unsent), **self._tags}  # values set meanwhile win
             raise
 
+    def _spill_overflow(self) -> None:
+        """More than max_buffered in memory: the oldest go to disk, keeping the newest
+        max_buffered/2 in memory; over the disk limit, the oldest segments are dropped."""
+        if len(self._buffer) <= self._max_buffered:
+            return
+        if self._spool is None:
+            with self._lock:
+                overflow = len(self._buffer) - self._max_buffered
+                for _ in range(overflow):
+                    self._buffer.popleft()
+                self._dropped += overflow
+            return
+        with self._lock:
+            n = len(self._buffer) - self._max_buffered // 2
+            points = [self._buffer.popleft() for _ in range(n)]
+            self._on_disk += n  # before the write: `pending` never dips
+        try:
+            self._spool.append(points)
+            self._spilled += n
+        except OSError as e:
+            with self._lock:
+                self._on_disk -= n
+                self._dropped += n
+            self._warn_once("spill", "cannot write metrics to %s (%s); dropping the oldest instead",
+                            self._spool.folder, e)
+            return
+        while self._spool.over_limit() and len(self._spool.segments()) > 1:
+            lost = self._spool.drop_oldest()
+            with self._lock:
+                self._on_disk = max(self._on_disk - lost, 0)
+                self._dropped += lost
+
+    def _keep_on_disk(self) -> int:
+        """At close: what could not be delivered goes to the spool, in order; returns how
+        many metrics wait there now. The batch in flight and the rest of a segment being
+        read back are older than every segment on disk; memory's buffer is newer."""
+        if self._spool is None:
+            return 0
+        with self._lock:
+            older, newer = [*self._inflight, *self._replay], list(self._buffer)
+            self._inflight, self._buffer = [], deque()
+            self._replay.clear()
+        if self._replay_file is not None:  # its undelivered remainder is in `older`
+            self._replay_file.unlink(missing_ok=True)
+            self._replay_file = self._inflight_file = None
+        try:
+            self._spool.prepend(older)
+            self._spool.append(newer)
+        except OSError as e:
+            log.warning("could not keep %d undelivered metrics in %s: %s", len(older) + len(newer),
+                        self._spool.folder, e)
+            self._dropped += len(older) + len(newer)
+        waiting = self._on_disk = self._spool.count()
+        if not waiting:
+            self._spool.remove_if_empty()
+        return waiting
+
+    # -------------------------------------------------------------------- reporting
+
     def _on_failure(self, exc: BaseException) -> None:
         self._last_error = short_reason(exc)
         if self._outage_since is None:
@@ -378,10 +388,8 @@ class MlflowTracker(Tracker):
             outage = time.monotonic() - self._outage_since
             self._outage_total_s += outage
             self._outage_since = None
-            log.warning("MLflow at %s is reachable again after %.1f s; sending buffered metrics",
-                        self.tracking_uri, outage)
-
-    # -------------------------------------------------------------------- reporting
+            log.warning("MLflow at %s is reachable again after %.1f s unreachable; sending the "
+                        "buffered metrics", self.tracking_uri, outage)
 
     def _warn_once(self, what: str, message: str, *args: Any) -> None:
         if what not in self._warned:
@@ -390,21 +398,26 @@ class MlflowTracker(Tracker):
 
     def _warn_drops(self) -> None:
         if self._dropped:
-            self._warn_once("drop", "tracking buffer full (max_buffered=%d): dropped the %d "
-                            "oldest metrics so far while MLflow is unreachable",
+            self._warn_once("drop", "tracking buffer full (max_buffered=%d in memory, tracking.max_spill_mb "
+                            "on disk): dropped the %d oldest metrics so far while MLflow is unreachable",
                             self._max_buffered, self._dropped)
+        if self._spilled:
+            self._warn_once("spilled", "MLflow still unreachable: more than %d metrics waiting, the oldest "
+                            "now wait on disk in %s", self._max_buffered,
+                            self._spool.folder if self._spool else "-")
 
-    def _report(self) -> None:
-        pending = self.pending
+    def _report(self, kept: int) -> None:
         outage = self.unreachable_s
-        if pending or self._dropped or self._rejected:
+        lost = self._dropped + self._rejected
+        if kept or lost or self.pending:
+            where = (f"; {kept} kept in {self._spool.folder}: they are sent when this run resumes, or "
+                     f"run `temper runs sync {self._spool.folder}`") if kept else ""
             log.warning(
-                "MLflow run %s: %d metrics not delivered (%d pending at close, %d dropped from a "
-                "full buffer, %d rejected); %d sent; server unreachable for %.1f s in total%s",
-                self.run_id, pending + self._dropped + self._rejected, pending, self._dropped,
-                self._rejected, self._sent, outage,
-                f" (last error: {self._last_error})" if self._last_error else "",
+                "MLflow run %s: %d metrics not delivered (%d dropped from a full buffer, %d rejected)%s; "
+                "%d sent; server unreachable for %.1f s in total%s",
+                self.run_id or "(not created)", kept + lost, self._dropped, self._rejected, where,
+                self._sent, outage, f" (last error: {self._last_error})" if self._last_error else "",
             )
         elif outage > 0:
-            log.info("MLflow run %s: all %d metrics delivered; server was unreachable for %.1f s",
-                     self.run_id, self._sent, outage)
+            log.warning("MLflow run %s: all %d metrics delivered; the server was unreachable for %.1f s "
+                        "in total", self.run_id, self._sent, outage)

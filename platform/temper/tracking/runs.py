@@ -21,7 +21,7 @@ import temper
 from temper.errors import TemperError
 from temper.spec.loader import flatten, spec_hash, spec_to_dict, spec_to_yaml
 from temper.spec.models import JobSpec
-from temper.tracking.mlflow_tracker import MlflowBackend, is_http_uri, is_rejection, short_reason
+from temper.tracking.backend import MlflowBackend, is_http_uri, is_rejection, short_reason
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,11 @@ PARAMS_PER_BATCH = 100  # MLflow's limit on params per LogBatch request
 MAX_PARAM_VALUE_CHARS = 6000  # MLflow's limit on a param value
 MAX_ERROR_CHARS = 5000
 REACH_TIMEOUT_S = 5.0
+
+
+class TrackingUnreachable(TemperError):
+    """The tracking server did not answer (connection refused, timeout, 5xx): the job goes
+    on and the run is created when it returns. Wrong credentials are a plain TemperError."""
 
 
 @dataclass(frozen=True)
@@ -173,7 +178,7 @@ def check_reachable(uri: str, *, timeout_s: float = REACH_TIMEOUT_S) -> None:
         response = http_request(get_default_host_creds(uri), "/api/2.0/mlflow/experiments/search",
                                 "POST", max_retries=0, timeout=timeout_s, json={"max_results": 1})
     except Exception as e:  # noqa: BLE001 - every transport problem means the same to the user
-        raise TemperError(
+        raise TrackingUnreachable(
             f"tracking.uri {uri}: cannot reach the MLflow server ({short_reason(e)}); "
             "start it or set tracking.enabled=false"
         ) from None
@@ -183,6 +188,9 @@ def check_reachable(uri: str, *, timeout_s: float = REACH_TIMEOUT_S) -> None:
             f"{response.status_code}); set MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD "
             "or MLFLOW_TRACKING_TOKEN"
         )
+    if response.status_code >= 500:
+        raise TrackingUnreachable(f"tracking.uri {uri}: the MLflow server answered HTTP {response.status_code}; "
+                                  "check its logs, or set tracking.enabled=false")
     if response.status_code != 200:
         raise TemperError(
             f"tracking.uri {uri}: cannot reach the MLflow server (HTTP {response.status_code} "
