@@ -24,6 +24,9 @@ app = typer.Typer(
 from temper.cli_data import data_app  # noqa: E402 - sub-app registered right after `app`
 
 app.add_typer(data_app, name="data")
+from temper.cli_runs import runs_app  # noqa: E402
+
+app.add_typer(runs_app, name="runs")
 
 JobArg = Annotated[Path, typer.Argument(help="The job spec YAML file.", show_default=False)]
 SetOpt = Annotated[
@@ -88,13 +91,34 @@ def export(
     ] = None,
     register: Annotated[
         str | None, typer.Option(help="Also log the folder to the run and register it as a version "
-                                      "of this MLflow model name.")
+                                      "of this MLflow model name (tagged with run, step, spec hash, data manifest).")
+    ] = None,
+    alias: Annotated[
+        list[str] | None, typer.Option("--alias", help="With --register: point this alias at the new "
+                                       "version, e.g. pretrained, best (repeatable).")
+    ] = None,
+    if_better: Annotated[
+        str | None, typer.Option("--if-better", metavar="METRIC", help="Move the aliases only if the run's "
+                                 "final METRIC beats the run of the version holding them (e.g. val/loss).")
+    ] = None,
+    mode: Annotated[
+        str | None, typer.Option(help="For --if-better: min (lower wins) or max (default: from the "
+                                      "metric name: loss/error -> min, acc/score -> max).")
+    ] = None,
+    description: Annotated[
+        str | None, typer.Option(help="With --register: the model version's description.")
     ] = None,
 ) -> None:
     """Write consolidated weights (model.safetensors) and the model config (config.json)."""
-    from temper.launch.export import export_command
+    from temper.launch.export import RegisterOptions, export_command
+    from temper.tracking.registry import build_better_rule, check_alias
 
-    export_command(source, out=out, tracking_uri=tracking_uri, register=register)
+    better = build_better_rule(if_better, mode)
+    if not register and (alias or better or description):
+        raise TemperError("--alias, --if-better, --mode and --description need --register NAME")
+    options = RegisterOptions(name=register, aliases=tuple(check_alias(a) for a in alias or ()), better=better,
+                              description=description) if register else None
+    export_command(source, out=out, tracking_uri=tracking_uri, register=options)
 
 
 @app.command()

@@ -1,5 +1,6 @@
 """`temper export RUN_ID|CHECKPOINT`: consolidated weights + model config, optionally
-registered as an MLflow model version.
+registered as an MLflow model version (with lineage tags and aliases: see
+temper.tracking.registry).
 
 A run id is looked up in MLflow (its `temper.checkpoint_dir` tag names the run's checkpoint
 folder); a folder is used as is (a run folder means its newest committed checkpoint).
@@ -7,12 +8,22 @@ folder); a folder is used as is (a run folder means its newest committed checkpo
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from temper.console import console
 from temper.errors import TemperError
 from temper.launch.resume import looks_like_path
+from temper.tracking.registry import BetterRule
+
+if TYPE_CHECKING:
+    from temper.checkpoint.manifest import CommittedCheckpoint
+
+log = logging.getLogger(__name__)
 
 
 def _run_checkpoint_dir(run_id: str, *, tracking_uri: str | None) -> tuple[str, str]:
@@ -34,7 +45,18 @@ def _run_checkpoint_dir(run_id: str, *, tracking_uri: str | None) -> tuple[str, 
     return folder, uri
 
 
-def export_command(source: str, *, out: Path, tracking_uri: str | None, register: str | None) -> Path:
+@dataclass(frozen=True)
+class RegisterOptions:
+    """`temper export --register NAME [--alias A ...] [--if-better METRIC [--mode min|max]]`."""
+
+    name: str
+    aliases: tuple[str, ...] = ()
+    better: BetterRule | None = None
+    description: str | None = None
+
+
+def export_command(source: str, *, out: Path, tracking_uri: str | None,
+                   register: RegisterOptions | None = None) -> Path:
     from temper.checkpoint import export_checkpoint, find_latest, read_checkpoint
 
     uri = None
@@ -46,32 +68,101 @@ def export_command(source: str, *, out: Path, tracking_uri: str | None, register
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3")  # s3:// folders on S3-compatible stores
     opts = {"client_kwargs": {"endpoint_url": endpoint}} if endpoint and "://" in folder else None
     ckpt = find_latest(folder, storage_options=opts) or read_checkpoint(folder, storage_options=opts)
+    client = run = None
+    if register:  # everything --register needs is checked before anything is written
+        client, run = _registration_run(ckpt, tracking_uri=uri or tracking_uri, options=register)
     written = export_checkpoint(ckpt.path, str(out), storage_options=opts)
     console.print(f"exported step {ckpt.manifest.step} of {ckpt.path} to {written}")
     if register:
-        run_id = ckpt.manifest.run_id
-        if not run_id:
-            raise TemperError("--register needs a checkpoint written by a tracked run (tracking.enabled=true)")
-        if uri is None:
-            from temper.tracking.runs import resolve_tracking_uri
-
-            uri = resolve_tracking_uri(tracking_uri, workdir=Path.cwd())
-        version = register_export(Path(written), name=register, run_id=run_id, tracking_uri=uri)
-        console.print(f"registered as MLflow model {register} version {version} (run {run_id})")
+        register_export(Path(written), ckpt=ckpt, options=register, client=client, run=run)
     return Path(written)
 
 
-def register_export(folder: Path, *, name: str, run_id: str, tracking_uri: str) -> str:
-    """Log `folder` under the run's artifacts `model/` and register it as a version of `name`."""
+def _registration_run(ckpt: CommittedCheckpoint, *, tracking_uri: str | None,
+                      options: RegisterOptions) -> tuple[Any, Any]:
+    """(MlflowClient, the checkpoint's run); the --if-better metric must be in that run."""
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking_uri)
-    client.log_artifacts(run_id, str(folder), artifact_path="model")
+    from temper.tracking.registry import run_metric
+    from temper.tracking.runs import check_reachable, resolve_tracking_uri
+
+    run_id = ckpt.manifest.run_id
+    if not run_id:
+        raise TemperError("--register needs a checkpoint written by a tracked run (tracking.enabled=true)")
+    uri = resolve_tracking_uri(tracking_uri, workdir=Path.cwd())
+    check_reachable(uri)
+    client = MlflowClient(tracking_uri=uri)
     try:
-        client.get_registered_model(name)
-    except Exception:  # noqa: BLE001 - not registered yet
-        client.create_registered_model(name)
-    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/model"
-    version = client.create_model_version(name, source=source, run_id=run_id,
-                                          tags={"temper.source": "temper export"})
-    return str(version.version)
+        run = client.get_run(run_id)
+    except Exception:  # noqa: BLE001 - MlflowException for an unknown id
+        raise TemperError(f"--register: run {run_id} (of {ckpt.path}) is not in {uri}; "
+                          "pass the --tracking-uri it was logged to") from None
+    better = options.better
+    if better is not None and run_metric(run, better) is None:
+        raise TemperError(f"--if-better {better.metric}: run {run_id} logged no {better.metric}; "
+                          f"pick a metric it has ({', '.join(sorted(run.data.metrics)) or 'none'})")
+    return client, run
+
+
+def register_export(folder: Path, *, ckpt: CommittedCheckpoint, options: RegisterOptions,
+                    client: Any, run: Any) -> str:
+    """Log `folder` (model.safetensors + config.json) under the run's artifacts `model/`,
+    register it as a version of `options.name` with lineage tags, and set the aliases."""
+    from temper.tracking.query import spec_artifact
+    from temper.tracking.registry import register_version
+
+    run_id = run.info.run_id
+    tags = lineage_tags(ckpt, spec=spec_artifact(client, run_id))
+    description = options.description or (
+        f"{run.info.run_name or 'run'} step {ckpt.manifest.step}, exported by temper from "
+        f"{ckpt.path} (run {run_id})")
+    result = register_version(folder, client=client, name=options.name, run_id=run_id, tags=tags,
+                              description=description, aliases=options.aliases, better=options.better)
+    console.print(f"registered as MLflow model {options.name} version {result.version} (run {run_id})")
+    for alias in result.moved:
+        console.print(f"  @{alias} -> version {result.version}  (models:/{options.name}@{alias})")
+    for why in result.kept.values():
+        console.print(f"  {why}")
+    return result.version
+
+
+def lineage_tags(ckpt: CommittedCheckpoint, *, spec: dict | None) -> dict[str, str]:
+    """Tags linking a model version to its run, checkpoint and training data."""
+    m = ckpt.manifest
+    tags = {"temper.source": "temper export", "temper.run_id": m.run_id or "",
+            "temper.checkpoint": ckpt.path, "temper.step": str(m.step), "temper.spec_hash": m.spec_hash}
+    model = m.extra.get("model") or {}
+    if model.get("kind"):
+        tags["temper.model_kind"] = str(model["kind"])
+    fingerprint = (m.data or {}).get("fingerprint")
+    if fingerprint:
+        tags["temper.data_fingerprint"] = str(fingerprint)  # what a resume checks the shards against
+    data = (spec or {}).get("data") or {}
+    if data.get("kind") == "webdataset":
+        for split, tag in (("train", "temper.data_manifest"), ("eval", "temper.data_manifest.eval")):
+            if data.get(split):
+                tags[f"temper.data.{split}"] = str(data[split])
+                digest = _manifest_sha256(str(data[split]), data=data)
+                if digest:
+                    tags[tag] = f"sha256:{digest}"
+    return tags
+
+
+def _manifest_sha256(source: str, *, data: dict) -> str | None:
+    """sha256 of the manifest.json a data.train/data.eval value names (None: none or unreadable)."""
+    from temper.data import io
+    from temper.data.manifest import MANIFEST_NAME
+
+    last = source.rstrip("/").rsplit("/", 1)[-1]
+    if last.endswith(".json"):
+        url = source
+    elif ".tar" in last:
+        url = io.join(io.parent(io.expand(source)[0]), MANIFEST_NAME)
+    else:
+        url = io.join(source, MANIFEST_NAME)
+    options = io.IOOptions(s3_endpoint_url=data.get("s3_endpoint_url"), timeout_s=float(data.get("timeout_s", 60)))
+    try:
+        return hashlib.sha256(io.read_bytes(url, options=options)).hexdigest()
+    except Exception as e:  # noqa: BLE001 - lineage is best effort: the export itself is fine
+        log.warning("no temper.data_manifest tag: cannot read %s (%s)", url, e)
+        return None
