@@ -11,12 +11,12 @@ import base64
 import copy
 import re
 import subprocess
-import tomllib
 from functools import cache
 from pathlib import Path
 
 import jsonschema
 import pytest
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
