@@ -23,7 +23,7 @@ DEFAULT_IMAGE = f"ghcr.io/temper-ml/temper:{temper.__version__}"
 DEFAULT_ENV_SECRETS = ("temper-mlflow-auth", "temper-s3")
 
 # A Kubernetes resource quantity as people write them ("500m", "2", "1.5", "8Gi").
-QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 _LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 _ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
@@ -40,6 +40,15 @@ def label_key_problem(key: str) -> str | None:
     return None
 
 
+def _quantity(value: object) -> object:
+    """A number (YAML `cpu: 2`) becomes its text; a string must be a quantity."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        value = f"{value:g}"
+    if isinstance(value, str) and not _QUANTITY.match(value):
+        raise ValueError(f"{value!r} is not a Kubernetes quantity; write e.g. '2', '500m', '1.5', '8Gi'")
+    return value
+
+
 def _check_names(names: list[str], *, what: str) -> list[str]:
     for name in names:
         if len(name) > 253 or not _DNS_SUBDOMAIN.match(name):
@@ -51,20 +60,24 @@ def _check_names(names: list[str], *, what: str) -> list[str]:
 class HeadSpec(_Spec):
     """The Ray head pod: it runs the job's driver (`temper run`), not the training workers."""
 
-    cpu: str = Field(default="1", pattern=QUANTITY, description="CPU request and limit (Kubernetes quantity).")
-    memory: str = Field(default="4Gi", pattern=QUANTITY, description="Memory request and limit.")
+    cpu: str = Field(default="1", description="CPU request and limit (Kubernetes quantity).")
+    memory: str = Field(default="4Gi", description="Memory request and limit.")
+
+    _quantities = field_validator("cpu", "memory", mode="before")(_quantity)
 
 
 class WorkerSpec(_Spec):
     """Each Ray worker pod (one Temper worker each by default)."""
 
     cpu: str | None = Field(
-        default=None, pattern=QUANTITY,
+        default=None,
         description="CPU request and limit; null: resources.cpus_per_worker rounded up.")
-    memory: str = Field(default="8Gi", pattern=QUANTITY, description="Memory request and limit.")
+    memory: str = Field(default="8Gi", description="Memory request and limit.")
     gpus: int | None = Field(
         default=None, ge=0,
         description="nvidia.com/gpu per pod; null: resources.gpus_per_worker (a whole number).")
+
+    _quantities = field_validator("cpu", "memory", mode="before")(_quantity)
 
 
 class TolerationSpec(_Spec):
