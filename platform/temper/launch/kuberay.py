@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import socket
 from collections.abc import Iterator
 from datetime import datetime
@@ -133,13 +134,17 @@ class KubeRayTarget:
             self._namespace = self._context_namespace() or "default"
         return self._namespace
 
+    def _config_file(self) -> str:
+        """Read $KUBECONFIG now: the kubernetes package reads it once, when first imported."""
+        return self.kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+
     def _context_namespace(self) -> str | None:
         try:
             from kubernetes import config
         except ImportError:
             return None
         try:
-            contexts, active = config.list_kube_config_contexts(config_file=self.kubeconfig)
+            contexts, active = config.list_kube_config_contexts(config_file=self._config_file())
         except Exception:  # noqa: BLE001 - no kubeconfig: maybe in a pod
             return _SA_NAMESPACE.read_text().strip() if _SA_NAMESPACE.is_file() else None
         chosen = next((c for c in contexts if c["name"] == self.context), active) if self.context else active
@@ -154,7 +159,7 @@ class KubeRayTarget:
                                              extra="k8s") from None
             configuration = client.Configuration()
             try:
-                config.load_kube_config(config_file=self.kubeconfig, context=self.context,
+                config.load_kube_config(config_file=self._config_file(), context=self.context,
                                         client_configuration=configuration)
             except Exception as kube_error:  # noqa: BLE001 - ConfigException, missing file
                 try:
@@ -345,7 +350,7 @@ def _lines(response: Any) -> Iterator[str]:
     """Text lines of a streamed (urllib3) response, as they arrive."""
     pending = b""
     try:
-        for chunk in response.stream(4096, decode_content=True):
+        for chunk in iter(lambda: response.read1(65536), b""):  # what has arrived, not 64 KiB
             pending += chunk
             *lines, pending = pending.split(b"\n")
             for line in lines:
