@@ -115,8 +115,8 @@ BASE = {"name": "bad", "model": {"kind": "gpt"}}
          "model.n_layerz: unknown key (did you mean 'n_layer'?); accepted: d_model, dropout, "
          "flavor, kind, mlp_ratio, n_head, n_layer, seq_len, tie_embeddings, vocab_size"),
         ({"trian": {}},
-         "trian: unknown key (did you mean 'train'?); accepted: checkpoint, data, fault, model, name, objective, "
-         "optim, resources, seed, strategy, tracking, train"),
+         "trian: unknown key (did you mean 'train'?); accepted: checkpoint, cluster, data, fault, model, name, "
+         "objective, optim, resources, seed, strategy, tracking, train"),
         ({"train": {"max_steps": "ten"}},
          "train.max_steps: input should be a valid integer, unable to parse string as an integer "
          "(got 'ten')"),

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, model_validator
 
 from temper.spec.base import _Spec
+from temper.spec.cluster import ClusterSpec
 from temper.spec.strategy import (  # the strategy specs are re-exported from here
     DDPSpec,
     DeepSpeedSpec,  # noqa: F401
@@ -329,6 +330,7 @@ class JobSpec(_Spec):
     checkpoint: CheckpointSpec = CheckpointSpec()
     fault: FaultSpec = FaultSpec()
     tracking: TrackingSpec = TrackingSpec()
+    cluster: ClusterSpec = ClusterSpec()
 
     @model_validator(mode="before")
     @classmethod
