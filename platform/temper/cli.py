@@ -25,6 +25,10 @@ from temper.cli_data import data_app  # noqa: E402 - sub-app registered right af
 
 app.add_typer(data_app, name="data")
 
+from temper.cli_cluster import register as register_cluster_commands  # noqa: E402
+
+register_cluster_commands(app)  # submit, status, logs, stop, list
+
 JobArg = Annotated[Path, typer.Argument(help="The job spec YAML file.", show_default=False)]
 SetOpt = Annotated[
     list[str] | None,

@@ -10,7 +10,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,11 +76,17 @@ def run_job(spec: JobSpec, *, launcher: Launcher, workdir: Path, resume: str | N
     job = Job(spec=spec, spec_json=spec_to_json(spec), run_info=run_info, workdir=workdir)
     status, error = "FAILED", None
     try:
-        result = launcher.launch(job)
+        with sigterm_interrupts():
+            result = launcher.launch(job)
         status = "FINISHED"
-    except KeyboardInterrupt:
-        status, error = "KILLED", "interrupted by the user (Ctrl-C)"
-        console.print("[yellow]interrupted: stopping the workers...[/yellow]")
+    except KeyboardInterrupt as e:
+        status, error = "KILLED", str(e) or "interrupted by the user (Ctrl-C)"
+        console.print(f"[yellow]{error}: stopping the workers...[/yellow]")
+        if handle is not None:  # first: a stopped cluster job has seconds before SIGKILL
+            from temper.tracking import end_run
+
+            end_run(handle, status=status, error=error)
+            handle = None
         launcher.stop()
         raise
     except TemperError as e:
@@ -94,6 +103,26 @@ def run_job(spec: JobSpec, *, launcher: Launcher, workdir: Path, resume: str | N
             end_run(handle, status=status, error=error)
     return JobOutcome(result=result, run_id=handle.run_id if handle else None,
                       tracking_uri=handle.tracking_uri if handle else None)
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """SIGTERM (`temper stop`, Ray's stop_job, a pod deleted) stops the job like Ctrl-C: the
+    run is marked KILLED and the workers are stopped. Main thread only (signal rule). Ray's
+    driver installs its own SIGTERM handler (exit) in ray.init: the ray launcher enters this
+    again once Ray is up."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigterm(signum, frame) -> None:
+        raise KeyboardInterrupt("stopped by SIGTERM (temper stop, or the cluster)")
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _open_run(spec: JobSpec, *, plan, launcher: str, workdir: Path):
