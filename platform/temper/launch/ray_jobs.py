@@ -27,7 +27,14 @@ from typing import Any
 
 from temper.console import console
 from temper.errors import TemperError
-from temper.launch.targets import SPEC_FILE, STATES, JobStatus, Submission, entrypoint, open_submission_run
+from temper.launch.targets import (
+    SPEC_FILE,
+    STATES,
+    JobStatus,
+    Submission,
+    entrypoint,
+    open_submission_run,
+)
 from temper.spec.models import JobSpec
 
 log = logging.getLogger(__name__)
