@@ -11,7 +11,7 @@ import pytest
 
 pytest_plugins = [
     "tests.fixtures.mlflow_server", "tests.fixtures.ray_cluster", "tests.fixtures.shard_servers",
-    "tests.fixtures.helm", "tests.fixtures.k8s_api",
+    "tests.fixtures.helm", "tests.fixtures.k8s_api", "tests.fixtures.ray_jobs",
 ]
 
 # Keep test runs quiet and offline.

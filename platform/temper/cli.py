@@ -28,6 +28,10 @@ from temper.cli_runs import runs_app  # noqa: E402
 
 app.add_typer(runs_app, name="runs")
 
+from temper.cli_cluster import register as register_cluster_commands  # noqa: E402
+
+register_cluster_commands(app)  # submit, status, logs, stop, list
+
 JobArg = Annotated[Path, typer.Argument(help="The job spec YAML file.", show_default=False)]
 SetOpt = Annotated[
     list[str] | None,

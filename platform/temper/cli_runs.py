@@ -7,6 +7,7 @@ temper.tracking.query, this module only renders them (rich tables on the console
 from __future__ import annotations
 
 import datetime
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -88,6 +89,21 @@ def compare_cmd(
     else:
         console.print("neither run logged metrics")
     _print_links(uri, [(run.info.run_name, run.info.run_id, run.info.experiment_id) for run in (a, b)])
+
+
+@runs_app.command("sync")
+def sync_cmd(
+    folder: Annotated[Path, typer.Argument(help="A folder of undelivered metrics, as named by the job's "
+                                                "warning (under tracking.spool_dir).", show_default=False)],
+    tracking_uri: Annotated[str | None, typer.Option(help="Send to this server instead of the one the "
+                                                          "folder names.")] = None,
+) -> None:
+    """Send metrics a job kept on disk because MLflow was unreachable until it ended."""
+    from temper.tracking.sync import sync_spool
+
+    result = sync_spool(folder, tracking_uri=tracking_uri)
+    what = "created run" if result.created else "run"
+    console.print(f"sent {result.sent} metrics to {what} {result.run_id} in {result.tracking_uri}")
 
 
 def _runs_table(rows: list[Any]) -> Table:

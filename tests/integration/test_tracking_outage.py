@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from temper.tracking import MlflowTracker
-from temper.tracking.sync import sync_spool
 from tests.fixtures.mlflow_server import MlflowServer
 from tests.fixtures.recording_proxy import RecordingProxy
 from tests.integration.test_run_e2e import TEMPER, TINY_GPT, run_id_of, temper
@@ -161,8 +160,9 @@ def test_tracker_spills_to_disk_keeps_order_and_a_later_sync_delivers(tmp_path, 
     assert tracker.pending == 1200 and tracker.dropped == 0 and not list(spool.glob("*.sending"))
     # The job ended while the server was down; it is back now: `temper runs sync`.
     server.start()
-    result = sync_spool(spool)
-    assert (result.run_id, result.sent, result.created) == (run_id, 1200, False)
+    synced = temper("runs", "sync", str(spool), cwd=tmp_path)
+    assert synced.returncode == 0, synced.stderr[-3000:]
+    assert f"sent 1200 metrics to run {run_id}" in synced.stdout + synced.stderr
     for key, sign in (("a", 1), ("b", -1)):
         history = client.get_metric_history(run_id, key)
         assert sorted((m.step, m.value) for m in history) == [(s, float(sign * s)) for s in range(1, 601)]

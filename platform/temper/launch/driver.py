@@ -10,7 +10,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,11 +76,13 @@ def run_job(spec: JobSpec, *, launcher: Launcher, workdir: Path, resume: str | N
     job = Job(spec=spec, spec_json=spec_to_json(spec), run_info=run_info, workdir=workdir)
     status, error = "FAILED", None
     try:
-        result = launcher.launch(job)
+        with sigterm_interrupts():
+            result = launcher.launch(job)
         status = "FINISHED"
-    except KeyboardInterrupt:
-        status, error = "KILLED", "interrupted by the user (Ctrl-C)"
-        console.print("[yellow]interrupted: stopping the workers...[/yellow]")
+    except KeyboardInterrupt as e:
+        status, error = "KILLED", str(e) or "interrupted by the user (Ctrl-C)"
+        console.print(f"[yellow]{error}: stopping the workers...[/yellow]")
+        tracking.finish(status=status, error=error)  # first: a stopped cluster job has seconds before SIGKILL
         launcher.stop()
         raise
     except TemperError as e:
@@ -93,6 +98,26 @@ def run_job(spec: JobSpec, *, launcher: Launcher, workdir: Path, resume: str | N
                       tracking_uri=handle.tracking_uri if handle else None)
 
 
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """SIGTERM (`temper stop`, Ray's stop_job, a pod deleted) stops the job like Ctrl-C: the
+    run is marked KILLED and the workers are stopped. Main thread only (signal rule). Ray's
+    driver installs its own SIGTERM handler (exit) in ray.init: the ray launcher enters this
+    again once Ray is up."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigterm(signum, frame) -> None:
+        raise KeyboardInterrupt("stopped by SIGTERM (temper stop, or the cluster)")
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class _Tracking:
     """The job's MLflow run from the driver's side: opened now, or (server down) once it
     answers while the workers already train; ended with the job's status."""
@@ -104,6 +129,7 @@ class _Tracking:
         self.run_info: dict = {"run_id": None}
         self.folder_name: str = ""
         self.checkpoint_dir: str | None = None
+        self._finished = False
 
     @classmethod
     def begin(cls, spec: JobSpec, *, plan, launcher: Launcher, workdir: Path) -> _Tracking:
@@ -162,9 +188,11 @@ class _Tracking:
             log.warning("could not tag run %s with its checkpoint folder: %s", handle.run_id, e)
 
     def finish(self, *, status: str, error: str | None):
-        """End the run with the job's status; a run never created is reported with its spool."""
-        if self.opener is None:
-            return None
+        """End the run with the job's status; a run never created is reported with its spool.
+        Once: later calls return the same handle."""
+        if self.opener is None or self._finished:
+            return self.handle
+        self._finished = True
         handle = self.opener.wait(self.spec.tracking.close_timeout_s)
         if handle is not None:
             from temper.tracking import end_run

@@ -256,7 +256,7 @@ class KubeRayTarget:
         """Create the MLflow run when its server is reachable from here; else (None, None)."""
         if not spec.tracking.enabled:
             return None, None
-        from temper.tracking.mlflow_tracker import is_http_uri
+        from temper.tracking.backend import is_http_uri
         from temper.tracking.runs import resolve_tracking_uri
 
         uri = resolve_tracking_uri(spec.tracking.uri, workdir=workdir)

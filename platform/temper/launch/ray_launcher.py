@@ -7,6 +7,7 @@ drawn where the user's terminal is, whichever node the workers run on.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -17,6 +18,8 @@ from typing import Any
 from temper.console import ProgressDisplay, console
 from temper.errors import JobFailedError, TemperError
 from temper.launch.base import STOP_GRACE_S, Job, Launcher, LaunchResult
+
+log = logging.getLogger(__name__)
 
 # Environment forwarded to the workers when set on the driver.
 FORWARDED_ENV = (
@@ -36,6 +39,13 @@ def _progress_sink_class():
         def __init__(self) -> None:
             self.events: list[dict] = []
             self.stop = False
+            self.nodes: dict[int, str] = {}
+
+        def register(self, rank: int, where: str) -> None:
+            self.nodes[rank] = where  # each worker says where it runs (temper.nodes tag)
+
+        def where(self) -> dict[int, str]:
+            return self.nodes
 
         def push(self, event: dict) -> None:
             self.events.append(event)
@@ -123,7 +133,8 @@ class RayLauncher(Launcher):
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo",
                                      timeout_s=int(job.spec.fault.collective_timeout_s)),
             scaling_config=ScalingConfig(num_workers=r.workers, use_gpu=use_gpu,
-                                         resources_per_worker=resources),
+                                         resources_per_worker=resources,
+                                         placement_strategy=r.placement.upper()),
             run_config=RunConfig(
                 name=f"{job.spec.name}-{((job.run_info or {}).get('run_id') or 'norun')[:8]}",
                 storage_path=storage,
@@ -157,6 +168,7 @@ class RayLauncher(Launcher):
             pump.join(timeout=5)
             self._consume(ray.get(sink.drain.remote()))
             self._display.close()
+            _tag_nodes(job, ray.get(sink.where.remote()))
         return self._result
 
     @staticmethod
@@ -186,14 +198,17 @@ class RayLauncher(Launcher):
             console.print(f"stopping the workers at their next logging step (up to "
                           f"{STOP_GRACE_S:.0f} s; Ctrl-C again to kill them now)...")
 
+        from temper.launch.driver import sigterm_interrupts
+
         thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
         previous = signal.signal(signal.SIGINT, on_sigint)
         try:
-            thread.start()
-            while thread.is_alive():
-                thread.join(0.5)
-                if deadline and time.monotonic() > deadline[0]:
-                    raise KeyboardInterrupt
+            with sigterm_interrupts():  # over ray.init's own SIGTERM handler (it just exits)
+                thread.start()
+                while thread.is_alive():
+                    thread.join(0.5)
+                    if deadline and time.monotonic() > deadline[0]:
+                        raise KeyboardInterrupt
         finally:
             signal.signal(signal.SIGINT, previous)
         if deadline:
@@ -252,6 +267,21 @@ def _use_token_auth_if_available() -> None:
     token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
     if os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file():
         os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def _tag_nodes(job: Job, nodes: dict[int, str]) -> None:
+    """Record where each rank ran as the run tag `temper.nodes` ("0=IP/NODE_ID,1=...")."""
+    info = job.run_info or {}
+    if not nodes or not info.get("run_id") or not info.get("tracking_uri"):
+        return
+    from temper.tracking.runs import RunHandle, tag_run
+
+    value = ",".join(f"{rank}={nodes[rank]}" for rank in sorted(nodes))
+    handle = RunHandle(run_id=info["run_id"], experiment_id="", tracking_uri=info["tracking_uri"], ui_url=None)
+    try:
+        tag_run(handle, {"temper.nodes": value})
+    except Exception as e:  # noqa: BLE001 - a missing tag must not fail a finished job
+        log.warning("could not tag MLflow run %s with temper.nodes (%s)", info["run_id"], e)
 
 
 def _ray_root_cause(error: Exception) -> str:

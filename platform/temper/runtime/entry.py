@@ -98,7 +98,13 @@ class _RayReporter(Reporter):
 def ray_train_loop(config: dict[str, Any]) -> None:
     """Ray Train's per-worker function: Ray exported RANK etc. and created the process group."""
     setup_logging()
-    reporter = _RayReporter(config.get("progress_sink"), is_main=os.environ.get("RANK") == "0")
+    sink = config.get("progress_sink")
+    if sink is not None:  # where this rank runs, for the driver's `temper.nodes` run tag
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        sink.register.remote(int(os.environ.get("RANK", "0")), f"{ray.util.get_node_ip_address()}/{node[:12]}")
+    reporter = _RayReporter(sink, is_main=os.environ.get("RANK") == "0")
     run_worker(config["spec_json"], config.get("run_info"), reporter=reporter)
 
 

@@ -254,6 +254,12 @@ class ResourcesSpec(_Spec):
     workers: int = Field(default=1, ge=1, description="Training processes (ranks).")
     gpus_per_worker: float = Field(default=0, ge=0, description="GPUs per worker (0: CPU).")
     cpus_per_worker: float = Field(default=1, gt=0, description="CPUs Ray reserves per worker.")
+    placement: Literal["pack", "spread", "strict_spread"] = Field(
+        default="pack",
+        description="Where Ray puts the workers (Ray Train's placement_strategy): pack: as few nodes "
+        "as possible; spread: across nodes when it can; strict_spread: one worker per node, waiting "
+        "until that many nodes have room. The ray launcher only.",
+    )
 
 
 class CheckpointSpec(_Spec):

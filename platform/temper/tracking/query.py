@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from temper.errors import TemperError
-from temper.tracking.mlflow_tracker import is_http_uri, short_reason
+from temper.tracking.backend import is_http_uri, short_reason
 
 log = logging.getLogger(__name__)
 

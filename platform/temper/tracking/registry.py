@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from temper.errors import TemperError
-from temper.tracking.mlflow_tracker import short_reason
+from temper.tracking.backend import short_reason
 
 log = logging.getLogger(__name__)
 

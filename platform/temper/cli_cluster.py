@@ -1,0 +1,144 @@
+"""`temper submit | status | logs | stop | list`: jobs on a cluster (Ray Jobs API or KubeRay).
+
+Registered on the main app with `register(app)`; each command goes through
+`temper.launch.targets.build_target(--to)` and prints TemperErrors as one line (exit 2).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from temper.console import console
+from temper.errors import TemperError
+
+ToOpt = Annotated[str | None, typer.Option(
+    "--to", help="The cluster: http(s)://HEAD:8265 (Ray Jobs API), k8s or k8s://NAMESPACE "
+                 "(default: $TEMPER_CLUSTER).", show_default=False)]
+IdArg = Annotated[str, typer.Argument(help="The job id `temper submit` printed.", show_default=False)]
+FollowOpt = Annotated[bool, typer.Option("--follow", "-f", help="Stream the logs until the job ends.")]
+OUTPUTS = ("text", "yaml", "json")
+
+
+def submit(
+    job: Annotated[Path, typer.Argument(help="The job spec YAML file.", show_default=False)],
+    to: ToOpt = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", "-s", help="Override a spec value: --set optim.lr=1e-3 (repeatable).")] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Print what would be sent; create nothing (no MLflow run either).")] = False,
+    output: Annotated[str, typer.Option("--output", "-o", help="text, yaml or json.")] = "text",
+    follow: FollowOpt = False,
+) -> None:
+    """Send the job to a cluster; print its id, its MLflow run and what to run next."""
+    from temper.launch.targets import build_target
+    from temper.spec import load_spec
+
+    if output not in OUTPUTS:
+        raise TemperError(f"--output {output!r} is not known; accepted: {', '.join(OUTPUTS)}")
+    spec = load_spec(job, set_ or [])
+    target = build_target(to)
+    sub = target.submit(spec, workdir=Path.cwd(), run_id=None, dry_run=dry_run)
+    if dry_run:
+        typer.echo(_render(sub.manifest or "", output), nl=False)
+        return
+    if output != "text":
+        fields = {"job_id": sub.job_id, "target": sub.target, "run_id": sub.run_id, "run_url": sub.run_url}
+        typer.echo(_render(json.dumps(fields), output), nl=False)
+    addr = f"--to {sub.target}"
+    console.print(f"job [bold]{sub.job_id}[/bold] submitted to {sub.target}")
+    if sub.run_id:
+        console.print(f"MLflow run [bold]{sub.run_id}[/bold]" + (f": {sub.run_url}" if sub.run_url else ""))
+    if follow:
+        _follow(target, sub.job_id)
+        return
+    console.print(f"  logs:   temper logs {sub.job_id} {addr} -f\n"
+                  f"  status: temper status {sub.job_id} {addr}\n"
+                  f"  stop:   temper stop {sub.job_id} {addr}", markup=False)
+
+
+def status(job_id: IdArg, to: ToOpt = None) -> None:
+    """The job's state: PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED."""
+    from temper.launch.targets import build_target
+
+    st = build_target(to).status(job_id)
+    typer.echo(f"{st.job_id}  {st.state}" + (f"  {st.message}" if st.message else ""))
+    if st.extra.get("temper.run_id"):
+        typer.echo(f"MLflow run {st.extra['temper.run_id']}")
+
+
+def logs(job_id: IdArg, to: ToOpt = None, follow: FollowOpt = False) -> None:
+    """Print the job's driver log (rank 0's progress and every worker's errors)."""
+    from temper.launch.targets import build_target
+
+    for chunk in build_target(to).logs(job_id, follow=follow):
+        typer.echo(chunk, nl=False)
+
+
+def stop(job_id: IdArg, to: ToOpt = None) -> None:
+    """Stop the job (SIGTERM to its driver, which marks the MLflow run KILLED)."""
+    from temper.launch.targets import build_target
+
+    st = build_target(to).stop(job_id)
+    typer.echo(f"{st.job_id}  {st.state}" + (f"  {st.message}" if st.message else ""))
+
+
+def list_jobs(to: ToOpt = None) -> None:
+    """The cluster's jobs, newest first."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from temper.launch.targets import build_target
+
+    target = build_target(to)
+    table = Table(title=f"jobs on {target.address}")
+    for column in ("job id", "state", "started", "ended", "spec", "MLflow run"):
+        table.add_column(column, overflow="fold")
+    for st in target.list():
+        table.add_row(st.job_id, st.state, _when(st.start_time), _when(st.end_time),
+                      st.extra.get("temper.spec", ""), st.extra.get("temper.run_id", ""))
+    Console(soft_wrap=True).print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(submit)
+    app.command()(status)
+    app.command()(logs)
+    app.command()(stop)
+    app.command("list")(list_jobs)
+
+
+def _follow(target, job_id: str) -> None:
+    for chunk in target.logs(job_id, follow=True):
+        typer.echo(chunk, nl=False)
+    st = target.status(job_id)
+    for _ in range(20):  # the log stream can close a moment before the state is final
+        if st.state in ("SUCCEEDED", "FAILED", "STOPPED"):
+            break
+        time.sleep(0.5)
+        st = target.status(job_id)
+    console.print(f"job {job_id} {st.state}" + (f": {st.message}" if st.message else ""), markup=False)
+    if st.state != "SUCCEEDED":
+        raise typer.Exit(1)
+
+
+def _render(text: str, output: str) -> str:
+    """The manifest (JSON for Ray, YAML for k8s) in the asked format; text: as it is."""
+    if output == "text" or not text:
+        return text
+    import yaml
+
+    docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    if output == "json":
+        return json.dumps(docs[0] if len(docs) == 1 else docs, indent=2) + "\n"
+    if not text.lstrip().startswith(("{", "[")):
+        return text  # already YAML
+    return yaml.safe_dump_all(docs, sort_keys=False)
+
+
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else ""
