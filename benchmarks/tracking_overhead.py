@@ -5,7 +5,8 @@ that is not importable) three ways, logging 5 metrics EVERY step:
 
     off   no tracker (the metrics dict is still built: the loop prints it anyway)
     up    MlflowTracker -> a real `mlflow server` on 127.0.0.1 (started here)
-    down  MlflowTracker -> the same server, stopped (connection refused, retried)
+    down  MlflowTracker -> the same server, stopped (connection refused, retried; the
+          overflow beyond 100 metrics spilled to disk, as in a long outage)
 
 and prints the median step times and their ratios to `off` (goal: <= 1.01).
 
@@ -135,7 +136,10 @@ def main() -> None:
             up.close(timeout_s=30)
             run_id = new_run(server.uri)
             server.stop()
-            down = MlflowTracker(run_id=run_id, tracking_uri=server.uri)
+            # max_buffered at its minimum (100) so that the outage also spills to disk every
+            # few steps: the sender thread writes segments while the step runs.
+            down = MlflowTracker(run_id=run_id, tracking_uri=server.uri, max_buffered=100,
+                                 spool_dir=Path(tmp) / "spool")
             off_b, on_down = interleaved(step, down, steps=args.steps, block=args.block)
             down.close(timeout_s=1)
         finally:

@@ -9,7 +9,7 @@
 
 Credentials: the kubeconfig ($KUBECONFIG, ~/.kube/config) or, inside a pod, its
 ServiceAccount. The namespace is k8s://NAMESPACE, else the kubeconfig context's, else
-"default". Needs exactly the temper-submitter Role (docs/cluster-k8s.md). The manifest
+"default". Needs exactly the temper-submitter Role (docs/cluster.md). The manifest
 itself is built by temper.launch.kuberay_manifest (pure, no I/O).
 """
 
@@ -207,7 +207,7 @@ class KubeRayTarget:
                     f"Unauthorized); refresh the kubeconfig's token or certificate")
         if e.status == 403:
             return (f"{what}: forbidden in namespace {ns} (403: {detail}); the user or "
-                    "ServiceAccount needs the temper-submitter Role there (docs/cluster-k8s.md, RBAC)")
+                    "ServiceAccount needs the temper-submitter Role there (docs/cluster.md, RBAC)")
         if e.status == 404 and name:
             return (f"{what}: RayJob {name} not found in namespace {ns}; "
                     f"`temper list --to k8s://{ns}` shows the jobs")
@@ -215,7 +215,7 @@ class KubeRayTarget:
             return f"{what}: namespace {ns} does not exist; create it or use --to k8s://NAMESPACE"
         if e.status == 404:
             return (f"{what}: the API at {host} does not serve ray.io/v1 RayJobs (404); install the "
-                    "KubeRay operator first (docs/cluster-k8s.md)")
+                    "KubeRay operator first (docs/cluster.md)")
         if e.status == 409:
             return f"{what}: {detail} (409 conflict); submit again (a new name is drawn)"
         if e.status == 422:

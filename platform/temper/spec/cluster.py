@@ -19,7 +19,7 @@ from temper.spec.base import _Spec
 #: The runtime image (its recipe: helm/image/Dockerfile); the tag is the package version.
 DEFAULT_IMAGE = f"ghcr.io/temper-ml/temper:{temper.__version__}"
 
-#: Secrets users create beforehand (see docs/cluster-k8s.md); missing ones are skipped.
+#: Secrets users create beforehand (see docs/cluster.md); missing ones are skipped.
 DEFAULT_ENV_SECRETS = ("temper-mlflow-auth", "temper-s3")
 
 # A Kubernetes resource quantity as people write them ("500m", "2", "1.5", "8Gi").
