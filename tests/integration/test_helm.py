@@ -19,6 +19,8 @@ import pytest
 import tomllib
 import yaml
 
+from tests.fixtures.k8s_api import forbid_unknown as strict
+
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "temper"
 CRDS = ROOT.parent / "shared" / "kuberay-crds"
@@ -93,19 +95,6 @@ def first_difference(a, b, path: str = "") -> str:
             if x != y:
                 return first_difference(x, y, f"{path}[{i}]")
     return f"{path or '.'}: rendered {a!r}, model gives {b!r}"
-
-
-def strict(schema):
-    """additionalProperties: false on every object schema that lists properties."""
-    if isinstance(schema, dict):
-        schema = {k: strict(v) for k, v in schema.items()}
-        if ("properties" in schema and "additionalProperties" not in schema
-                and not schema.get("x-kubernetes-preserve-unknown-fields")):
-            schema["additionalProperties"] = False
-        return schema
-    if isinstance(schema, list):
-        return [strict(v) for v in schema]
-    return schema
 
 
 @cache
