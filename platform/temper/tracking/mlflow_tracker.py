@@ -210,9 +210,21 @@ class MlflowTracker(Tracker):
                 self._batch_ready.wait(self._flush_every_s)
                 self._batch_ready.clear()
             else:
-                # Wake early for close() once, then keep backing off until its deadline.
-                (self._stop if self._closing.is_set() else self._closing).wait(backoff)
+                self._back_off(backoff)
                 backoff = min(backoff * 2, self._backoff[1])
+
+    def _back_off(self, seconds: float) -> None:
+        """Wait before the next try, spilling to disk meanwhile whenever memory fills up.
+        close() cuts the first wait short (one more try), not the ones after it."""
+        closing_before = self._closing.is_set()
+        deadline = time.monotonic() + seconds
+        while not self._stop.is_set() and (closing_before or not self._closing.is_set()):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._batch_ready.wait(min(remaining, 0.25))
+            self._batch_ready.clear()
+            self._spill_overflow()
 
     def _flush(self) -> bool:
         """Send tags, then every pending metric in order; False on a failure worth retrying.
