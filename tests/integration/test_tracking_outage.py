@@ -68,6 +68,16 @@ class Job:
                 raise AssertionError(f"timed out waiting; output:\n{self.text[-4000:]}")
             time.sleep(0.2)
 
+    def stop_after_recovery(self, *, back_marker: str) -> tuple[str, int]:
+        """Wait for the line saying MLflow answers again, train 20 more steps, Ctrl-C; returns
+        (output, the step at which the server was back)."""
+        self.wait_for(lambda: back_marker in self.text)
+        back_at = self.last_step()
+        self.wait_for(lambda: self.last_step() >= back_at + 20)
+        text = self.interrupt()
+        assert self.proc.returncode == 130, text[-4000:]
+        return text, back_at
+
     def interrupt(self) -> str:
         self.proc.send_signal(signal.SIGINT)
         self.proc.wait(timeout=120)
@@ -95,11 +105,7 @@ def test_server_down_for_20s_mid_run_loses_nothing(tmp_path, server) -> None:
     time.sleep(20)
     assert job.last_step() > down_at  # training went on while the server was down
     server.start()
-    job.wait_for(lambda: "reachable again after" in job.text)
-    back_at = job.last_step()
-    job.wait_for(lambda: job.last_step() >= back_at + 20)
-    text = job.interrupt()
-    assert job.proc.returncode == 130, text[-4000:]
+    text, back_at = job.stop_after_recovery(back_marker="reachable again after")
     client = client_for(server.uri)
     run = client.get_run(run_id_of(text))
     assert run.info.status == "KILLED"
@@ -116,11 +122,7 @@ def test_server_down_at_start_training_goes_on_and_the_run_appears(tmp_path, ser
     job.wait_for(lambda: job.last_step() >= 30)
     assert "is unreachable; training starts anyway" in job.text
     server.start()
-    job.wait_for(lambda: "answers after" in job.text)
-    back_at = job.last_step()
-    job.wait_for(lambda: job.last_step() >= back_at + 20)
-    text = job.interrupt()
-    assert job.proc.returncode == 130, text[-4000:]
+    text, back_at = job.stop_after_recovery(back_marker="answers after")
     client = client_for(server.uri)
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     assert len(runs) == 1 and runs[0].info.run_id == run_id_of(text)

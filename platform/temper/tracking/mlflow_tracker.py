@@ -74,7 +74,6 @@ class MlflowTracker(Tracker):
         self._inflight: list[Point] = []
         self._replay: deque[Point] = deque()  # read back from the oldest segment on disk
         self._replay_file: Path | None = None  # that segment: removed once fully sent
-        self._inflight_file: Path | None = None  # the batch in flight finishes this segment
         self._inflight_on_disk = False  # the batch in flight came from disk (not `unsent`)
         self._spool = Spool(spool_dir, max_bytes=int(max_spill_mb * 2**20)) if spool_dir else None
         self._on_disk = self._spool.count() if self._spool else 0  # leftovers of an earlier attempt
@@ -278,7 +277,6 @@ class MlflowTracker(Tracker):
             n = min(METRICS_PER_BATCH, len(source))
             self._inflight = [source.popleft() for _ in range(n)]
             self._inflight_on_disk = source is self._replay and n > 0
-            self._inflight_file = self._replay_file if self._inflight_on_disk and not self._replay else None
             return self._inflight
 
     def _send_metrics(self, batch: list[Point]) -> None:
@@ -286,6 +284,7 @@ class MlflowTracker(Tracker):
 
         metrics = [Metric(key, value, ts, step) for key, value, step, ts in batch]
         reason = None
+        finishes_segment = self._inflight_on_disk and not self._replay  # the segment's last batch
         try:
             self._backend.log_batch(self.run_id, metrics=metrics)
         except Exception as e:
@@ -300,9 +299,9 @@ class MlflowTracker(Tracker):
                 self._sent += len(batch)
             else:
                 self._rejected += len(batch)
-        if self._inflight_file is not None:  # that segment is delivered completely
-            self._inflight_file.unlink(missing_ok=True)
-            self._inflight_file = self._replay_file = None
+        if finishes_segment and self._replay_file is not None:  # delivered completely
+            self._replay_file.unlink(missing_ok=True)
+            self._replay_file = None
         if reason is not None:
             self._warn_once("reject", "MLflow rejected %d metrics (%s); continuing without them",
                             len(batch), reason)
@@ -371,7 +370,7 @@ class MlflowTracker(Tracker):
             self._replay.clear()
         if self._replay_file is not None:  # its undelivered remainder is in `older`
             self._replay_file.unlink(missing_ok=True)
-            self._replay_file = self._inflight_file = None
+            self._replay_file = None
         try:
             self._spool.prepend(older)
             self._spool.append(newer)

@@ -36,10 +36,6 @@ def _encode(value: float) -> float | str:
     return value if math.isfinite(value) else repr(value)  # JSON has no NaN/Infinity
 
 
-def _decode(value: float | str) -> float:
-    return float(value)
-
-
 class Spool:
     """One run's spilled metrics. Not thread-safe: the tracker's sender thread owns it
     (and close(), after that thread has stopped)."""
@@ -102,8 +98,8 @@ class Spool:
         points = []
         for line in sending.read_text().splitlines():
             if line.strip():
-                k, v, s, t = json.loads(line)
-                points.append((k, _decode(v), int(s), int(t)))
+                k, v, s, t = json.loads(line)  # float() also reads _encode's 'nan'/'inf'
+                points.append((k, float(v), int(s), int(t)))
         return sending, points
 
     def drop_oldest(self) -> int:
