@@ -40,6 +40,7 @@ def _progress_sink_class():
             self.events: list[dict] = []
             self.stop = False
             self.nodes: dict[int, str] = {}
+            self.mlflow_run_id: str | None = None  # set when the driver created the run late
 
         def register(self, rank: int, where: str) -> None:
             self.nodes[rank] = where  # each worker says where it runs (temper.nodes tag)
@@ -60,7 +61,7 @@ def _progress_sink_class():
             self.mlflow_run_id = run_id
 
         def run_id(self) -> str | None:
-            return getattr(self, "mlflow_run_id", None)
+            return self.mlflow_run_id
 
         def drain(self) -> list[dict]:
             events, self.events = self.events, []
