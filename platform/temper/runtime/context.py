@@ -74,9 +74,18 @@ class DistContext:
         dist.all_gather_object(out, value)
         return out
 
-    def close(self) -> None:
+    def close(self, *, wait_for_peers: bool = True) -> None:
+        """Destroy the process group this context created. With `wait_for_peers` (a run that
+        ended well) every rank first reaches this point: a rank destroying its gloo group
+        while a peer was still tearing down made that peer abort ("terminate called without
+        an active exception", SIGABRT). A failed run skips the wait: a dead or hung peer would
+        hold it until the collective timeout."""
         if self.owns_process_group and self.distributed:
-            dist.destroy_process_group()
+            try:
+                if wait_for_peers:
+                    self.barrier()
+            finally:
+                dist.destroy_process_group()
 
 
 def _env_int(name: str, default: int | None = None) -> int:

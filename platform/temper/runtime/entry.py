@@ -50,8 +50,11 @@ def run_worker(spec_json: str, run_info: dict | None, *, reporter: Reporter | No
     if reporter is None:
         display = ProgressDisplay(title=spec.name) if ctx.is_main else None
         reporter = Reporter(display)
+    ok = False
     try:
-        return train(spec, ctx, run_info=run_info, reporter=reporter)
+        result = train(spec, ctx, run_info=run_info, reporter=reporter)
+        ok = True
+        return result
     except RuntimeError as e:
         if "timed out" in str(e).lower() or "timeout" in str(e).lower():
             raise TemperError(
@@ -62,7 +65,7 @@ def run_worker(spec_json: str, run_info: dict | None, *, reporter: Reporter | No
         raise
     finally:
         reporter.close()
-        ctx.close()
+        ctx.close(wait_for_peers=ok)
 
 
 class _RayReporter(Reporter):
