@@ -42,7 +42,7 @@ def test_console_script_bad_spec_exit_2_no_traceback(tmp_path: Path) -> None:
     lines = proc.stderr.strip().splitlines()
     assert lines == [
         f"error: {bad}: model.n_layerz: unknown key (did you mean 'n_layer'?); accepted: d_model, "
-        "dropout, flavor, kind, mlp_ratio, n_head, n_layer, seq_len, tie_embeddings, vocab_size",
+        "dropout, flavor, kind, mlp_ratio, n_head, n_layer, num_classes, seq_len, tie_embeddings, vocab_size",
         f"error: {bad}: optim.lr: input should be greater than 0 (got -1)",
     ]
     assert "Traceback" not in proc.stderr

@@ -149,7 +149,7 @@ def test_resnet_shapes_and_blocks(spec: ResNetSpec, stem_stride: int) -> None:
     stem_out = model.stem(torch.randn(1, spec.in_channels, size, size))
     assert stem_out.shape[-1] == math.ceil(size / stem_stride)
     expansion = 4 if spec.block == "bottleneck" else 1
-    assert model.head.in_features == spec.base_width * 8 * expansion
+    assert model.heads["classify"].in_features == spec.base_width * 8 * expansion
 
 
 def test_resnet_init_is_deterministic_with_zero_last_bn() -> None:

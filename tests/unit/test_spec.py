@@ -113,9 +113,9 @@ BASE = {"name": "bad", "model": {"kind": "gpt"}}
     [
         ({"model": {"kind": "gpt", "n_layerz": 2}},
          "model.n_layerz: unknown key (did you mean 'n_layer'?); accepted: d_model, dropout, "
-         "flavor, kind, mlp_ratio, n_head, n_layer, seq_len, tie_embeddings, vocab_size"),
+         "flavor, kind, mlp_ratio, n_head, n_layer, num_classes, seq_len, tie_embeddings, vocab_size"),
         ({"trian": {}},
-         "trian: unknown key (did you mean 'train'?); accepted: checkpoint, cluster, data, fault, model, name, "
+         "trian: unknown key (did you mean 'train'?); accepted: checkpoint, cluster, data, fault, init_from, model, name, "
          "objective, optim, resources, seed, strategy, tracking, train"),
         ({"train": {"max_steps": "ten"}},
          "train.max_steps: input should be a valid integer, unable to parse string as an integer "
@@ -124,7 +124,7 @@ BASE = {"name": "bad", "model": {"kind": "gpt"}}
         ({"resources": {"workers": 0}},
          "resources.workers: input should be greater than or equal to 1 (got 0)"),
         ({"model": {"kind": "gtp"}},
-         "model.kind: 'gtp' is not a known kind (did you mean 'gpt'?); accepted: gpt, resnet"),
+         "model.kind: 'gtp' is not a known kind (did you mean 'gpt'?); accepted: gpt, encoder, vit, resnet, lstm, gru"),
         ({"strategy": {"kind": "fsdpp"}},
          "strategy.kind: 'fsdpp' is not a known kind (did you mean 'fsdp'?); accepted: ddp, fsdp, deepspeed"),
         ({"train": {"precision": "fp16"}},
@@ -133,8 +133,8 @@ BASE = {"name": "bad", "model": {"kind": "gpt"}}
          "model: d_model=64 is not divisible by n_head=3; pick n_head dividing d_model"),
         ({"name": "has space"},
          "name: string should match pattern '^[A-Za-z0-9][A-Za-z0-9_.-]*$' (got 'has space')"),
-        ({"objective": {"kind": "classify"}},
-         "objective.kind 'classify' cannot train model.kind 'gpt'; accepted: causal_lm"),
+        ({"objective": {"kind": "mae"}},
+         "objective.kind 'mae' cannot train model.kind 'gpt'; accepted: causal_lm, classify"),
         ({"train": {"device": "cuda"}},
          "train.device is 'cuda' but resources.gpus_per_worker is 0; set "
          "resources.gpus_per_worker>=1 or train.device=cpu"),

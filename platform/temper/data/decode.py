@@ -1,6 +1,8 @@
 """Raw WebDataset samples (bytes per field) -> the tensors a model's batch needs.
 
-Batch fields by objective: causal_lm reads `tokens`; classify reads `image` and `label`.
+Batch fields by objective: causal_lm and mlm read `tokens`; mae and simclr read `image`
+(simclr's views come from data.transform); classify reads the model's input (`image` or
+`tokens`) and `label`.
 Each batch field comes from one sample key (the tar member suffix), chosen from the
 manifest's keys unless `data.fields` says otherwise:
 
@@ -29,7 +31,10 @@ from temper.errors import TemperError
 
 FIELDS_FOR_OBJECTIVE: dict[str, tuple[str, ...]] = {
     "causal_lm": ("tokens",),
-    "classify": ("image", "label"),
+    "mlm": ("tokens",),
+    "mae": ("image",),
+    "simclr": ("image",),
+    "classify": ("label",),  # plus the model's input, see batch_fields
 }
 CANDIDATES: dict[str, tuple[str, ...]] = {
     "tokens": ("tokens.npy",),
@@ -110,11 +115,19 @@ def _npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
+def batch_fields(objective: str, model_input: str | None = None) -> tuple[str, ...]:
+    """The batch fields `objective` reads; classify adds what the model reads (image/tokens)."""
+    needed = FIELDS_FOR_OBJECTIVE.get(objective, ())
+    if objective == "classify":
+        return (model_input or "image", *needed)
+    return needed
+
+
 def resolve_fields(*, objective: str, manifest_keys: dict[str, str] | None,
-                   overrides: dict[str, str]) -> dict[str, str]:
+                   overrides: dict[str, str], model_input: str | None = None) -> dict[str, str]:
     """Batch field -> sample key for `objective`: the overrides, else the first candidate the
     manifest has, else (no manifest) the first candidate; errors name data.fields."""
-    needed = FIELDS_FOR_OBJECTIVE.get(objective, ())
+    needed = batch_fields(objective, model_input)
     fields = dict(overrides)
     for name in needed:
         if name in fields:

@@ -30,7 +30,7 @@ from temper.data.stream import (
     segments_to_state,
 )
 from temper.errors import TemperError
-from temper.spec.models import JobSpec, WebDatasetSpec
+from temper.spec.models import MODEL_INPUTS, JobSpec, WebDatasetSpec
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,8 @@ def _without_meta(loader: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
 
 def build_decoder(spec: JobSpec, shards: ShardSet) -> Decoder:
     keys = shards.manifest.keys if shards.manifest else None
-    fields = resolve_fields(objective=spec.objective.kind, manifest_keys=keys, overrides=dict(spec.data.fields))
+    fields = resolve_fields(objective=spec.objective.kind, manifest_keys=keys, overrides=dict(spec.data.fields),
+                            model_input=MODEL_INPUTS[spec.model.kind])
     extras = shards.manifest.extras if shards.manifest else {}
     model = spec.model
     value_range = extras.get("value_range")

@@ -1,7 +1,8 @@
-"""Model registry: `model.kind` in the spec -> an nn.Module class built from its spec section.
+"""Model registry: `model.kind` in the spec -> an nn.Module built from its spec section and
+the objective it trains (which decides its heads: see temper.models.base).
 
 Models hold no parallelism code; strategies wrap them. A new model kind is one entry here
-plus its `*Spec` class in temper.spec.models.
+plus its `*Spec` class in temper.spec.architectures.
 """
 
 from __future__ import annotations
@@ -12,23 +13,25 @@ from typing import Any
 from torch import nn
 
 from temper.errors import TemperError
+from temper.models.base import TaskModel, is_head
 from temper.models.gpt import GPT
 from temper.models.resnet import ResNet
 
-MODEL_BUILDERS: dict[str, Callable[[Any], nn.Module]] = {
+MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "gpt": GPT,
     "resnet": ResNet,
 }
 
 
-def build_model(spec_model: Any) -> nn.Module:
-    """Build the model for `spec.model` (weights initialized from the torch RNG)."""
+def build_model(spec_model: Any, objective: Any = None) -> nn.Module:
+    """Build the model for `spec.model` with the heads `objective` (spec.objective) needs;
+    weights initialized from the torch RNG. objective None: the model's default objective."""
     builder = MODEL_BUILDERS.get(spec_model.kind)
     if builder is None:
         raise TemperError(
             f"model.kind '{spec_model.kind}' has no builder; accepted: {', '.join(MODEL_BUILDERS)}"
         )
-    return builder(spec_model)
+    return builder(spec_model, objective=objective)
 
 
-__all__ = ["GPT", "MODEL_BUILDERS", "ResNet", "build_model"]
+__all__ = ["GPT", "MODEL_BUILDERS", "ResNet", "TaskModel", "build_model", "is_head"]

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from temper.errors import TemperError
+from temper.models.base import HEADS, TaskModel
 from temper.spec.models import GPTSpec
 
 
@@ -76,12 +77,15 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
-class GPT(nn.Module):
-    """Decoder-only transformer: tokens [B, T] (T <= seq_len) -> logits [B, T, vocab_size]."""
+class GPT(TaskModel):
+    """Decoder-only transformer. forward(tokens [B, T], head="lm") -> logits [B, T, vocab_size];
+    head="classify" (objective classify) -> [B, num_classes] from the last token's state.
+    The LM head is part of the backbone (tied to the token embedding by default)."""
 
-    def __init__(self, spec: GPTSpec) -> None:
+    def __init__(self, spec: GPTSpec, *, objective=None) -> None:
         super().__init__()
         self.spec = spec
+        kind = getattr(objective, "kind", "causal_lm")
         self.tok_emb = nn.Embedding(spec.vocab_size, spec.d_model)
         self.pos_emb = nn.Embedding(spec.seq_len, spec.d_model)
         self.drop = nn.Dropout(spec.dropout)
@@ -90,6 +94,11 @@ class GPT(nn.Module):
         self.head = nn.Linear(spec.d_model, spec.vocab_size, bias=False)
         if spec.tie_embeddings:
             self.head.weight = self.tok_emb.weight
+        elif kind != "causal_lm":
+            self.head = None  # an untied LM head would be an unused parameter
+        self.heads = nn.ModuleDict(
+            {"classify": nn.Linear(spec.d_model, spec.num_classes)} if kind == "classify" else {}
+        )
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -107,7 +116,9 @@ class GPT(nn.Module):
         projections, ones for LayerNorm weights, zeros for biases. Strategies call this per
         parameter with a generator seeded by (seed, name), so sharding never changes the init.
         """
-        if name.endswith(".bias"):
+        if name.startswith(HEADS):
+            self.init_head_parameter(name, tensor, generator=generator)
+        elif name.endswith(".bias"):
             tensor.zero_()
         elif name.rpartition(".")[0].rpartition(".")[2].startswith("ln"):
             tensor.fill_(1.0)
@@ -117,7 +128,14 @@ class GPT(nn.Module):
                 std = 0.02 / math.sqrt(2 * self.spec.n_layer)
             tensor.normal_(mean=0.0, std=std, generator=generator)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, head: str = "lm") -> torch.Tensor:
+        x = self.ln_f(self.features(tokens))
+        if head == "lm":
+            return self.head(x)
+        return self.heads[head](x[:, -1])
+
+    def features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Hidden states [B, T, d_model] after the last block (before the final norm)."""
         t = tokens.shape[1]
         if t > self.spec.seq_len:
             raise TemperError(
@@ -128,7 +146,7 @@ class GPT(nn.Module):
         x = self.drop(self.tok_emb(tokens) + self.pos_emb(pos))
         for block in self.blocks:
             x = block(x)
-        return self.head(self.ln_f(x))
+        return x
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count (tied weights once); non_embedding drops the position embedding."""

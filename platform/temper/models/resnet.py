@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from temper.models.base import HEADS, TaskModel, mlp_head
 from temper.spec.models import ResNetSpec
 
 #: Images at most this many pixels wide get the CIFAR-style stem (3x3, stride 1, no pool).
@@ -107,10 +108,12 @@ BLOCK_TYPES: dict[str, type[BasicBlock] | type[Bottleneck]] = {
 }
 
 
-class ResNet(nn.Module):
-    """images [B, in_channels, H, W] -> logits [B, num_classes]."""
+class ResNet(TaskModel):
+    """forward(images [B, in_channels, H, W], head="classify") -> logits [B, num_classes];
+    head="proj" (objective simclr) -> projections [B, proj_dim]. `features` is the pooled
+    last stage [B, width]."""
 
-    def __init__(self, spec: ResNetSpec) -> None:
+    def __init__(self, spec: ResNetSpec, *, objective=None) -> None:
         super().__init__()
         self.spec = spec
         block_cls = BLOCK_TYPES[spec.block]
@@ -125,7 +128,13 @@ class ResNet(nn.Module):
                 c_in = width * block_cls.expansion
         self.blocks = nn.ModuleList(blocks)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.head = nn.Linear(c_in, spec.num_classes)
+        self.width = c_in
+        kind = getattr(objective, "kind", "classify")
+        if kind == "simclr":
+            heads = {"proj": mlp_head(c_in, objective.proj_hidden or c_in, objective.proj_dim)}
+        else:
+            heads = {"classify": nn.Linear(c_in, spec.num_classes)}
+        self.heads = nn.ModuleDict(heads)
         self._forward_flops: int | None = None
         self.init_weights()
 
@@ -142,7 +151,9 @@ class ResNet(nn.Module):
         """Fill `tensor` (the full shape of parameter `name`) from `generator` (see init_weights)."""
         owner_name, _, attr = name.rpartition(".")
         owner = self.get_submodule(owner_name)
-        if isinstance(owner, nn.Conv2d):
+        if name.startswith(HEADS) and not isinstance(owner, nn.Linear):
+            self.init_head_parameter(name, tensor, generator=generator)
+        elif isinstance(owner, nn.Conv2d):
             fan_out = tensor.shape[0] * tensor[0][0].numel()
             tensor.normal_(0.0, math.sqrt(2.0 / fan_out), generator=generator)
         elif isinstance(owner, nn.BatchNorm2d):
@@ -152,11 +163,14 @@ class ResNet(nn.Module):
             bound = 1.0 / math.sqrt(owner.in_features)
             tensor.uniform_(-bound, bound, generator=generator)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, head: str = "classify") -> torch.Tensor:
+        return self.heads[head](self.features(images))
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
         x = self.stem(images)
         for block in self.blocks:
             x = block(x)
-        return self.head(torch.flatten(self.pool(x), 1))
+        return torch.flatten(self.pool(x), 1)
 
     def forward_flops_per_sample(self) -> int:
         """2 x MACs of every conv and linear layer for one image (cached; BN, ReLU, pooling

@@ -1,4 +1,5 @@
-"""Objective registry: `objective.kind` in the spec -> an Objective built from its section."""
+"""Objective registry: `objective.kind` in the spec -> an Objective built from its section
+and the model's (vocabulary, classes, what the model reads)."""
 
 from __future__ import annotations
 
@@ -6,18 +7,29 @@ from collections.abc import Callable
 from typing import Any
 
 from temper.errors import TemperError
-from temper.objectives.base import Objective, ObjectiveOutput
+from temper.objectives.base import EvalReport, Objective, ObjectiveOutput
 from temper.objectives.causal_lm import CausalLM
 from temper.objectives.classify import Classify
+from temper.spec.models import MODEL_INPUTS
 
-OBJECTIVE_BUILDERS: dict[str, Callable[[Any], Objective]] = {
-    "causal_lm": lambda spec: CausalLM(),
-    "classify": lambda spec: Classify(label_smoothing=spec.label_smoothing),
+
+def _classify(spec: Any, model: Any) -> Classify:
+    if model is None:
+        return Classify(label_smoothing=spec.label_smoothing)
+    field = MODEL_INPUTS[model.kind]
+    return Classify(label_smoothing=spec.label_smoothing, input_field=field, num_classes=model.num_classes,
+                    seq_len=getattr(model, "seq_len", None) if field == "tokens" else None)
+
+
+OBJECTIVE_BUILDERS: dict[str, Callable[[Any, Any], Objective]] = {
+    "causal_lm": lambda spec, model: CausalLM(),
+    "classify": _classify,
 }
 
 
-def build_objective(spec_objective: Any) -> Objective:
-    """Build the objective for `spec.objective` (JobSpec fills in the model's default)."""
+def build_objective(spec_objective: Any, model: Any = None) -> Objective:
+    """Build the objective for `spec.objective` (JobSpec fills in the model's default);
+    `model` is the job's model spec."""
     if spec_objective is None:
         raise TemperError("objective is not set; set objective.kind (e.g. causal_lm, classify)")
     builder = OBJECTIVE_BUILDERS.get(spec_objective.kind)
@@ -26,9 +38,10 @@ def build_objective(spec_objective: Any) -> Objective:
             f"objective.kind '{spec_objective.kind}' has no builder; "
             f"accepted: {', '.join(OBJECTIVE_BUILDERS)}"
         )
-    return builder(spec_objective)
+    return builder(spec_objective, model)
 
 
 __all__ = [
-    "OBJECTIVE_BUILDERS", "CausalLM", "Classify", "Objective", "ObjectiveOutput", "build_objective",
+    "OBJECTIVE_BUILDERS", "CausalLM", "Classify", "EvalReport", "Objective", "ObjectiveOutput",
+    "build_objective",
 ]

@@ -12,10 +12,13 @@ from temper.objectives.base import Objective, ObjectiveOutput
 class CausalLM(Objective):
     """batch["tokens"]: LongTensor [B, seq_len + 1]. Loss in float32 (bf16-autocast safe)."""
 
-    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(batch["tokens"][:, :-1])
+
+    def loss(self, out: torch.Tensor, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
         tokens = batch["tokens"]
-        inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        logits = model(inputs).float()
+        targets = tokens[:, 1:]
+        logits = out.float()
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
         return ObjectiveOutput(
             loss=loss, metrics={}, num_samples=tokens.shape[0], num_tokens=targets.numel()

@@ -112,9 +112,9 @@ def train(
     torch.manual_seed(spec.seed)
     strategy = build_strategy(spec, ctx=ctx)
     with torch.device("meta"):  # the strategy shards, then allocates and initializes from (seed, name)
-        model = build_model(spec.model)
+        model = build_model(spec.model, objective=spec.objective)
     flops_per_sample = getattr(model, "train_flops_per_sample", lambda: None)()
-    objective = build_objective(spec.objective)
+    objective = build_objective(spec.objective, spec.model)
     strategy.setup(model, build_optimizer=lambda m: build_optimizer(m, spec.optim))
     scheduler = build_scheduler(
         strategy.optimizer, spec=spec.optim.schedule, max_steps=spec.train.max_steps

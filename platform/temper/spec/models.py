@@ -15,8 +15,27 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
+# The model and objective specs live in temper.spec.architectures and are re-exported here.
+from temper.spec.architectures import (  # noqa: F401
+    MODEL_INPUTS,
+    OBJECTIVES_FOR_MODEL,
+    CausalLMSpec,
+    ClassifySpec,
+    EncoderSpec,
+    GPTSpec,
+    MAESpec,
+    MLMSpec,
+    ModelSpec,
+    ObjectiveSpec,
+    RecurrentSpec,
+    ResNetSpec,
+    SimCLRSpec,
+    ViTSpec,
+    objective_problems,
+)
 from temper.spec.base import _Spec
 from temper.spec.cluster import ClusterSpec
+from temper.spec.finetune import InitFromSpec, SubsetSpec
 from temper.spec.strategy import (  # the strategy specs are re-exported from here
     DDPSpec,
     DeepSpeedSpec,  # noqa: F401
@@ -25,108 +44,6 @@ from temper.spec.strategy import (  # the strategy specs are re-exported from he
     expand_strategy_preset,
     strategy_problems,
 )
-
-
-def _fill_flavor(data: Any, presets: dict[str, dict[str, Any]]) -> Any:
-    """Fill fields the user left out from the named flavor's preset (explicit keys win)."""
-    if not isinstance(data, dict) or data.get("flavor") is None:
-        return data
-    preset = presets.get(data["flavor"])
-    if preset is None:
-        return data  # the Literal on `flavor` reports the bad name
-    return {**preset, **data}
-
-
-# ----------------------------------------------------------------------------- models
-
-GPT_FLAVORS: dict[str, dict[str, Any]] = {
-    "tiny": {"n_layer": 2, "n_head": 4, "d_model": 64, "seq_len": 64, "vocab_size": 256},
-    "small": {"n_layer": 12, "n_head": 12, "d_model": 768, "seq_len": 1024, "vocab_size": 50304},
-    "1b": {"n_layer": 24, "n_head": 16, "d_model": 2048, "seq_len": 2048, "vocab_size": 50304},
-}
-
-
-class GPTSpec(_Spec):
-    """GPT-style decoder (pre-norm, causal self-attention, GELU MLP) for causal LM."""
-
-    kind: Literal["gpt"] = "gpt"
-    flavor: Literal["tiny", "small", "1b"] | None = Field(
-        default=None, description="Preset sizes; keys given explicitly override the preset."
-    )
-    vocab_size: int = Field(default=256, ge=2, description="Token vocabulary size.")
-    seq_len: int = Field(default=64, ge=2, description="Context length in tokens.")
-    n_layer: int = Field(default=2, ge=1, description="Number of transformer blocks.")
-    n_head: int = Field(default=4, ge=1, description="Attention heads per block.")
-    d_model: int = Field(default=64, ge=8, description="Residual stream width.")
-    mlp_ratio: float = Field(default=4.0, gt=0, description="MLP hidden width / d_model.")
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    tie_embeddings: bool = Field(default=True, description="Share input and output embeddings.")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _flavor(cls, data: Any) -> Any:
-        return _fill_flavor(data, GPT_FLAVORS)
-
-    @model_validator(mode="after")
-    def _heads_divide(self) -> GPTSpec:
-        if self.d_model % self.n_head:
-            raise ValueError(
-                f"d_model={self.d_model} is not divisible by n_head={self.n_head}; "
-                "pick n_head dividing d_model"
-            )
-        return self
-
-
-RESNET_FLAVORS: dict[str, dict[str, Any]] = {
-    "tiny": {"block": "basic", "layers": [1, 1, 1, 1], "base_width": 16},
-    "resnet18": {"block": "basic", "layers": [2, 2, 2, 2], "base_width": 64},
-    "resnet50": {"block": "bottleneck", "layers": [3, 4, 6, 3], "base_width": 64},
-}
-
-
-class ResNetSpec(_Spec):
-    """ResNet (CNN) for image classification."""
-
-    kind: Literal["resnet"] = "resnet"
-    flavor: Literal["tiny", "resnet18", "resnet50"] | None = None
-    num_classes: int = Field(default=10, ge=2)
-    in_channels: int = Field(default=3, ge=1)
-    image_size: int = Field(default=32, ge=8, description="Input height and width in pixels.")
-    block: Literal["basic", "bottleneck"] = "basic"
-    layers: tuple[int, int, int, int] = Field(default=(1, 1, 1, 1), description="Blocks per stage.")
-    base_width: int = Field(default=16, ge=4, description="Channels of the first stage.")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _flavor(cls, data: Any) -> Any:
-        return _fill_flavor(data, RESNET_FLAVORS)
-
-
-ModelSpec = Annotated[GPTSpec | ResNetSpec, Field(discriminator="kind")]
-
-# ------------------------------------------------------------------------- objectives
-
-
-class CausalLMSpec(_Spec):
-    """Next-token prediction (cross-entropy over the vocabulary)."""
-
-    kind: Literal["causal_lm"] = "causal_lm"
-
-
-class ClassifySpec(_Spec):
-    """Supervised classification (cross-entropy; reports accuracy)."""
-
-    kind: Literal["classify"] = "classify"
-    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
-
-
-ObjectiveSpec = Annotated[CausalLMSpec | ClassifySpec, Field(discriminator="kind")]
-
-#: Which objectives each model kind can train, the first being the default.
-OBJECTIVES_FOR_MODEL: dict[str, tuple[str, ...]] = {
-    "gpt": ("causal_lm",),
-    "resnet": ("classify",),
-}
 
 # ------------------------------------------------------------------------------- data
 
@@ -185,6 +102,9 @@ class WebDatasetSpec(_Spec):
         default=None, description="S3-compatible endpoint (MinIO, Ceph); else $AWS_ENDPOINT_URL_S3/$AWS_ENDPOINT_URL."
     )
     timeout_s: float = Field(default=60.0, gt=0, description="Connect/read timeout for remote shards.")
+    subset: SubsetSpec | None = Field(
+        default=None, description="Train on a seeded fraction of the training samples (null: all)."
+    )
 
 
 DataSpec = Annotated[SyntheticDataSpec | WebDatasetSpec, Field(discriminator="kind")]
@@ -329,6 +249,9 @@ class JobSpec(_Spec):
         default=None, description="Defaults to the model's natural objective (gpt: causal_lm)."
     )
     data: DataSpec = SyntheticDataSpec()
+    init_from: InitFromSpec | None = Field(
+        default=None, description="Pretrained weights to start from (a checkpoint, runs:/ID or models:/NAME@ALIAS)."
+    )
     strategy: StrategySpec = DDPSpec()
     optim: OptimSpec = OptimSpec()
     train: TrainSpec = TrainSpec()
@@ -363,12 +286,9 @@ class JobSpec(_Spec):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> JobSpec:
-        allowed = OBJECTIVES_FOR_MODEL[self.model.kind]
-        if self.objective is not None and self.objective.kind not in allowed:
-            raise ValueError(
-                f"objective.kind '{self.objective.kind}' cannot train model.kind "
-                f"'{self.model.kind}'; accepted: {', '.join(allowed)}"
-            )
+        problems = objective_problems(model=self.model, objective=self.objective)
+        if problems:
+            raise ValueError("; ".join(problems))
         if self.train.device == "cuda" and self.resources.gpus_per_worker == 0:
             raise ValueError(
                 "train.device is 'cuda' but resources.gpus_per_worker is 0; "

@@ -17,7 +17,7 @@ from temper.strategies.memory import MemoryReport
 def measure_strategy_memory(spec: JobSpec, *, ctx: DistContext) -> MemoryReport:
     strategy = build_strategy(spec, ctx=ctx)
     with torch.device("meta"):
-        model = build_model(spec.model)
+        model = build_model(spec.model, objective=spec.objective)
     strategy.setup(model, build_optimizer=lambda m: build_optimizer(m, spec.optim))
     m = spec.model
     tokens = torch.randint(0, m.vocab_size, (spec.train.micro_batch_size, m.seq_len + 1),
