@@ -52,10 +52,13 @@ def build_launcher(name: str, *, address: str | None = None) -> Launcher:
 
 
 def run_job(spec: JobSpec, *, launcher: Launcher, workdir: Path, resume: str | None = None,
-            no_resume: bool = False, run_id: str | None = None) -> JobOutcome:
-    """Run one job to the end and record it; re-raises KeyboardInterrupt after cleanup."""
+            no_resume: bool = False, run_id: str | None = None,
+            extra_tags: dict[str, str] | None = None) -> JobOutcome:
+    """Run one job to the end and record it; re-raises KeyboardInterrupt after cleanup.
+    `extra_tags` go on a new run (a pipeline's parent run id)."""
     launcher.check(spec)
     from temper.data import preflight_data, with_absolute_paths
+    from temper.launch.init_from import plan_init_from
     from temper.launch.resume import plan_resume
 
     spec = with_absolute_paths(spec, base=Path.cwd())
@@ -64,8 +67,12 @@ def run_job(spec: JobSpec, *, launcher: Launcher, workdir: Path, resume: str | N
     plan = plan_resume(spec, workdir=workdir, resume=resume, no_resume=no_resume, run_id=run_id)
     if plan.note:
         console.print(plan.note, markup=False)
-    tracking = _Tracking.begin(spec, plan=plan, launcher=launcher, workdir=workdir)
+    init = plan_init_from(spec, workdir=workdir)  # a pretrained backbone that does not fit fails here
+    tags = {**_data_tags(spec), **(init.tags if init else {}), **(extra_tags or {})}
+    tracking = _Tracking.begin(spec, plan=plan, launcher=launcher, workdir=workdir, extra_tags=tags)
     run_info = tracking.run_info
+    if init is not None:
+        run_info["init_from"] = init.location
     if spec.checkpoint.enabled:  # a resumed run keeps its folder; a new one is named by its run id
         folder = plan.run_dir(plan.run_id or tracking.folder_name)
         run_info["checkpoint_dir"] = folder
@@ -79,6 +86,10 @@ def run_job(spec: JobSpec, *, launcher: Launcher, workdir: Path, resume: str | N
         with sigterm_interrupts():
             result = launcher.launch(job)
         status = "FINISHED"
+        if spec.tracking.register_model and tracking.handle is not None:
+            from temper.launch.export import register_run_model
+
+            register_run_model(spec, handle=tracking.handle, checkpoint_dir=tracking.checkpoint_dir)
     except KeyboardInterrupt as e:
         status, error = "KILLED", str(e) or "interrupted by the user (Ctrl-C)"
         console.print(f"[yellow]{error}: stopping the workers...[/yellow]")
@@ -96,6 +107,14 @@ def run_job(spec: JobSpec, *, launcher: Launcher, workdir: Path, resume: str | N
         handle = tracking.finish(status=status, error=error)
     return JobOutcome(result=result, run_id=handle.run_id if handle else None,
                       tracking_uri=handle.tracking_uri if handle else None)
+
+
+def _data_tags(spec: JobSpec) -> dict[str, str]:
+    if not spec.tracking.enabled:
+        return {}
+    from temper.launch.export import data_manifest_tags
+
+    return data_manifest_tags(spec.data.model_dump(mode="json"))
 
 
 @contextlib.contextmanager
@@ -132,7 +151,8 @@ class _Tracking:
         self._finished = False
 
     @classmethod
-    def begin(cls, spec: JobSpec, *, plan, launcher: Launcher, workdir: Path) -> _Tracking:
+    def begin(cls, spec: JobSpec, *, plan, launcher: Launcher, workdir: Path,
+              extra_tags: dict[str, str] | None = None) -> _Tracking:
         from temper.launch.resume import new_local_run_id
 
         self = cls(spec, launcher=launcher, workdir=workdir)
@@ -145,7 +165,7 @@ class _Tracking:
 
         continue_id = plan.mlflow_run_id
         self.opener = RunOpener(spec, launcher=launcher.name, workdir=workdir, continue_id=continue_id,
-                                resumed=plan.step is not None)
+                                resumed=plan.step is not None, extra_tags=extra_tags)
         self.handle = self.opener.open(on_open=self._opened_late)
         uri = resolve_tracking_uri(spec.tracking.uri, workdir=workdir)
         known = self.handle.run_id if self.handle else continue_id

@@ -137,14 +137,25 @@ def lineage_tags(ckpt: CommittedCheckpoint, *, spec: dict | None) -> dict[str, s
     fingerprint = (m.data or {}).get("fingerprint")
     if fingerprint:
         tags["temper.data_fingerprint"] = str(fingerprint)  # what a resume checks the shards against
-    data = (spec or {}).get("data") or {}
-    if data.get("kind") == "webdataset":
-        for split, tag in (("train", "temper.data_manifest"), ("eval", "temper.data_manifest.eval")):
-            if data.get(split):
-                tags[f"temper.data.{split}"] = str(data[split])
-                digest = _manifest_sha256(str(data[split]), data=data)
-                if digest:
-                    tags[tag] = f"sha256:{digest}"
+    tags.update(data_manifest_tags((spec or {}).get("data") or {}))
+    return tags
+
+
+def data_manifest_tags(data: dict) -> dict[str, str]:
+    """temper.data.train/eval (where) and temper.data_manifest[.eval] (sha256 of the shards'
+    manifest.json: what) for a `data:` section; nothing for synthetic data."""
+    tags: dict[str, str] = {}
+    if data.get("kind") != "webdataset":
+        return tags
+    for split, tag in (("train", "temper.data_manifest"), ("eval", "temper.data_manifest.eval")):
+        if data.get(split):
+            tags[f"temper.data.{split}"] = str(data[split])
+            digest = _manifest_sha256(str(data[split]), data=data)
+            if digest:
+                tags[tag] = f"sha256:{digest}"
+    subset = data.get("subset")
+    if subset:
+        tags["temper.data.subset"] = f"fraction={subset['fraction']},seed={subset['seed']}"
     return tags
 
 
@@ -165,4 +176,30 @@ def _manifest_sha256(source: str, *, data: dict) -> str | None:
         return hashlib.sha256(io.read_bytes(url, options=options)).hexdigest()
     except Exception as e:  # noqa: BLE001 - lineage is best effort: the export itself is fine
         log.warning("no temper.data_manifest tag: cannot read %s (%s)", url, e)
+        return None
+
+
+def register_run_model(spec, *, handle, checkpoint_dir: str | None) -> str | None:
+    """tracking.register_model: the finished run's last checkpoint, exported and registered
+    (aliases tracking.register_aliases). A failure is a warning: the training itself is done."""
+    import tempfile
+
+    from temper.checkpoint import find_latest
+
+    name = spec.tracking.register_model
+    try:
+        if not checkpoint_dir:
+            raise TemperError("checkpointing is off (checkpoint.enabled=false)")
+        ckpt = find_latest(checkpoint_dir)
+        if ckpt is None:
+            raise TemperError(f"no committed checkpoint in {checkpoint_dir}")
+        options = RegisterOptions(name=name, aliases=tuple(spec.tracking.register_aliases))
+        client, run = _registration_run(ckpt, tracking_uri=handle.tracking_uri, options=options)
+        with tempfile.TemporaryDirectory(prefix="temper-register-") as tmp:
+            from temper.checkpoint import export_checkpoint
+
+            folder = export_checkpoint(ckpt.path, str(Path(tmp) / "model"))
+            return register_export(Path(folder), ckpt=ckpt, options=options, client=client, run=run)
+    except Exception as e:  # noqa: BLE001 - reported; the run itself finished
+        console.print(f"[yellow]warning:[/yellow] tracking.register_model {name}: not registered ({e})")
         return None

@@ -115,6 +115,7 @@ def train(
         model = build_model(spec.model, objective=spec.objective)
     flops_per_sample = getattr(model, "train_flops_per_sample", lambda: None)()
     objective = build_objective(spec.objective, spec.model)
+    _apply_init_from(spec, model=model, strategy=strategy, run_info=run_info)
     strategy.setup(model, build_optimizer=lambda m: build_optimizer(m, spec.optim))
     scheduler = build_scheduler(
         strategy.optimizer, spec=spec.optim.schedule, max_steps=spec.train.max_steps
@@ -153,6 +154,20 @@ def train(
         tracker.close()
         strategy.close()
     return result
+
+
+def _apply_init_from(spec: JobSpec, *, model, strategy: Strategy, run_info: dict | None) -> None:
+    """init_from: the strategy initializes from the pretrained tensors where they fit (the
+    driver checked the fit before launching); freeze_backbone leaves only the heads to train.
+    A resumed run's checkpoint overrides both weights and optimizer afterwards."""
+    from temper.checkpoint.pretrained import weights_for_worker
+
+    strategy.pretrained = weights_for_worker(spec, run_info)
+    if strategy.pretrained is not None:
+        log.info("init_from: initializing from %s (step %s)", strategy.pretrained.path, strategy.pretrained.step)
+    if spec.init_from is not None and spec.init_from.freeze_backbone:
+        trainable = model.freeze_backbone()
+        log.info("init_from.freeze_backbone: %d parameters train (the heads)", trainable)
 
 
 def _keeper(spec: JobSpec, *, ctx: DistContext, run_info: dict | None) -> CheckpointKeeper | None:
@@ -208,9 +223,12 @@ def _run_steps(*, spec, ctx, strategy, objective, scheduler, data, tracker, perf
             log.warning("stopping at step %d: the driver asked to stop", step)
             return
         if data.has_eval and ((t.eval_every and step % t.eval_every == 0) or last):
-            metrics = evaluate(strategy=strategy, objective=objective, data=data, ctx=ctx, autocast=autocast)
+            metrics, files = evaluate(strategy=strategy, objective=objective, data=data, ctx=ctx,
+                                      autocast=autocast)
             result.metrics.update(metrics)
             tracker.log_metrics(metrics, step=step)
+            for name, content in files.items():  # rank 0 only has any
+                tracker.log_artifact(f"eval/step-{step:06d}/{name}", content)
             reporter.progress({"step": step, "max_steps": t.max_steps, **metrics})
 
 
@@ -298,16 +316,21 @@ def _close_window(window: _Window, *, ctx: DistContext, perf: PerfMeter, stop: b
 
 
 @torch.no_grad()
-def evaluate(*, strategy: Strategy, objective: Objective, data, ctx: DistContext, autocast) -> dict[str, float]:
-    """Mean loss and metrics over this rank's eval share, then averaged over ranks by sample."""
+def evaluate(*, strategy: Strategy, objective: Objective, data, ctx: DistContext,
+             autocast) -> tuple[dict[str, float], dict[str, bytes]]:
+    """Mean loss and metrics over this rank's eval share, then averaged over ranks by sample;
+    and the objective's pictures of this pass (rank 0: {file name: bytes})."""
     model = strategy.model
     model.eval()
     sums: dict[str, torch.Tensor] = {}
     count = 0
+    report = objective.eval_report()
     for batch in data.eval_batches():
         batch = _to_device(batch, ctx.device)
         with autocast():
             out = objective(model, batch)
+        if report is not None:
+            report.update(out, batch)
         n = out.num_samples
         for name, value in {"loss": out.loss, **out.metrics}.items():
             sums[name] = sums.get(name, 0.0) + value.detach().float() * n
@@ -317,7 +340,9 @@ def evaluate(*, strategy: Strategy, objective: Objective, data, ctx: DistContext
     local = torch.stack([*(sums[k] for k in keys), torch.tensor(float(count), device=ctx.device)])
     total = ctx.all_reduce_mean(local) * ctx.world_size  # sums across ranks
     n_total = max(total[-1].item(), 1.0)
-    return {f"val/{k}": v / n_total for k, v in zip(keys, total[:-1].tolist(), strict=True)}
+    metrics = {f"val/{k}": v / n_total for k, v in zip(keys, total[:-1].tolist(), strict=True)}
+    files = report.finish(ctx) if report is not None else {}
+    return metrics, files
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:

@@ -11,9 +11,10 @@ This module imports neither torch nor ray: `temper validate` and `temper schema`
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 # The model and objective specs live in temper.spec.architectures and are re-exported here.
 from temper.spec.architectures import (  # noqa: F401
@@ -235,6 +236,20 @@ class TrackingSpec(_Spec):
     close_timeout_s: float = Field(default=30.0, ge=0, description=(
         "At the end of a job, how long to wait for an unreachable MLflow before keeping the "
         "undelivered metrics on disk (`temper runs sync`)."))
+    register_model: str | None = Field(default=None, description=(
+        "When the job finishes: export its last checkpoint and register it as a version of this "
+        "MLflow model, with lineage tags (e.g. a pretrained backbone for init_from: models:/NAME@current)."))
+    register_aliases: tuple[str, ...] = Field(default=("current",), description=(
+        "Aliases the registered version gets (register_model); MLflow reserves 'latest' and v<N>."))
+
+    @field_validator("register_aliases")
+    @classmethod
+    def _aliases(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for alias in value:
+            if not re.fullmatch(r"[\w-]{1,255}", alias) or alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
+                raise ValueError(f"alias {alias!r}: use letters, digits, _ and - (not 'latest' or v<number>, "
+                                 "which MLflow reserves), e.g. current")
+        return value
     system_metrics: bool = Field(default=True, description=(
         "Log CPU, memory and GPU use per node and each rank's step time (system/..., perf/...)."))
 

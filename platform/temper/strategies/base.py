@@ -42,6 +42,7 @@ class Strategy(ABC):
     def __init__(self, *, ctx: DistContext, seed: int = 0) -> None:
         self.ctx = ctx
         self.seed = seed  # parameters are initialized from (seed, name): see strategies/init.py
+        self.pretrained = None  # init_from's weights (checkpoint.pretrained), used where they fit
         self.model: nn.Module | None = None  # the wrapped model (what forward goes through)
         self.optimizer: torch.optim.Optimizer | None = None
         # This rank's place among the data-parallel replicas (tensor-parallel peers share data).

@@ -51,7 +51,7 @@ class DDPStrategy(Strategy):
 
             replicate(model, mesh=mesh["dp"])
             self._replicated = True
-        materialize(model, device=self.ctx.device, seed=self.seed)
+        materialize(model, device=self.ctx.device, seed=self.seed, weights=self.pretrained)
         model = model.to(self.ctx.device)
         if self.ctx.world_size > 1 and mesh is None:
             device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None

@@ -70,7 +70,7 @@ class DeepSpeedStrategy(Strategy):
         apply_activation_checkpointing(model, self.spec.activation_checkpointing)
         # ZeRO-3 partitions the parameters inside initialize(); until then each rank holds
         # the full model (deepspeed.zero.Init would avoid that peak; see docs/parallelism.md).
-        materialize(model, device=self.ctx.device, seed=self.seed)
+        materialize(model, device=self.ctx.device, seed=self.seed, weights=self.pretrained)
         optimizer = build_optimizer(model)
         config = build_deepspeed_config(self.spec, job=self.job, warn=log.warning)
         engine, _, _, _ = deepspeed.initialize(

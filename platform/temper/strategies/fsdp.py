@@ -68,7 +68,7 @@ class FSDPStrategy(Strategy):
             fully_shard(block, **shard)
         fully_shard(model, **shard)
         device = torch.device("cpu") if self.spec.cpu_offload else self.ctx.device
-        materialize(model, device=device, seed=self.seed)
+        materialize(model, device=device, seed=self.seed, weights=self.pretrained)
         self.model = model
         self.optimizer = build_optimizer(model)
         return self.model, self.optimizer

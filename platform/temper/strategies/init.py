@@ -36,9 +36,18 @@ def is_meta(model: nn.Module) -> bool:
     return any(t.is_meta for t in (*model.parameters(), *model.buffers()))
 
 
+def _pretrained(weights, name: str, shape) -> torch.Tensor | None:
+    """The pretrained tensor for `name` when `weights` (init_from) has it at this shape."""
+    if weights is None or tuple(weights.shapes.get(name, ())) != tuple(shape):
+        return None
+    return weights.get(name)
+
+
 @torch.no_grad()
-def apply_deterministic_init(model: nn.Module, *, seed: int) -> None:
-    """Initialize every parameter (full or a DTensor shard) from (seed, name); reset buffers."""
+def apply_deterministic_init(model: nn.Module, *, seed: int, weights=None) -> None:
+    """Initialize every parameter (full or a DTensor shard) from (seed, name); reset buffers.
+    `weights` (temper.checkpoint.pretrained, for init_from) supplies the tensors it has at
+    the same name and shape instead, buffers (BatchNorm statistics) included."""
     init = getattr(model, "init_parameter", None)
     if init is None:
         raise TemperError(
@@ -47,8 +56,10 @@ def apply_deterministic_init(model: nn.Module, *, seed: int) -> None:
         )
     for name, param in model.named_parameters():  # tied parameters are listed once
         name = clean_name(name)
-        full = torch.empty(param.shape, dtype=torch.float32)  # a DTensor's shape is global
-        init(name, full, generator=torch.Generator().manual_seed(param_seed(seed, name)))
+        full = _pretrained(weights, name, param.shape)
+        if full is None:
+            full = torch.empty(param.shape, dtype=torch.float32)  # a DTensor's shape is global
+            init(name, full, generator=torch.Generator().manual_seed(param_seed(seed, name)))
         if isinstance(param, DTensor):
             local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
             param.to_local().copy_(local.to_local())
@@ -57,10 +68,16 @@ def apply_deterministic_init(model: nn.Module, *, seed: int) -> None:
     for module in model.modules():
         if hasattr(module, "reset_running_stats"):  # BatchNorm statistics
             module.reset_running_stats()
+    if weights is not None:
+        for name, buffer in model.named_buffers():
+            loaded = _pretrained(weights, clean_name(name), buffer.shape)
+            if loaded is not None:
+                buffer.copy_(loaded.to(buffer.dtype))
 
 
-def materialize(model: nn.Module, *, device: torch.device, seed: int) -> None:
-    """Allocate a meta-device model (already sharded, if it is) on `device` and initialize it.
+def materialize(model: nn.Module, *, device: torch.device, seed: int, weights=None) -> None:
+    """Allocate a meta-device model (already sharded, if it is) on `device` and initialize it
+    (from `weights` where they have a tensor: init_from).
 
     A model that already holds real tensors keeps its weights.
     """
@@ -70,7 +87,7 @@ def materialize(model: nn.Module, *, device: torch.device, seed: int) -> None:
         for (owner, attr), *others in shared:  # to_empty may give each user its own copy
             for module, name in others:
                 setattr(module, name, getattr(owner, attr))
-        apply_deterministic_init(model, seed=seed)
+        apply_deterministic_init(model, seed=seed, weights=weights)
 
 
 def _shared_parameters(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:

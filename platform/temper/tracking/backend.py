@@ -112,6 +112,14 @@ class MlflowBackend:
         else:
             self._client.log_batch(run_id, metrics=metrics, tags=tags, synchronous=True)
 
+    def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None) -> None:
+        """Upload one file into the run's artifacts (through the server's proxy when it has one)."""
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        self._client.log_artifact(run_id, local_path, artifact_path=artifact_path)
+
     def max_logged_step(self, run_id: str, key: str) -> int | None:
         """The highest step logged for metric `key` in the run (None: none yet)."""
         if self._store is not None:

@@ -31,6 +31,10 @@ class Tracker(ABC):
         run lacks, and drop metrics of steps already in the run (a restart after step `step`
         re-trains the steps logged between that checkpoint and the failure)."""
 
+    def log_artifact(self, path: str, data: bytes) -> None:
+        """Store `data` as the run's file `path` (relative, e.g. 'eval/step-100/x.png').
+        Non-blocking like `log_metrics`: staged on disk, uploaded in the background."""
+
     @abstractmethod
     def set_tags(self, tags: Mapping[str, str]) -> None:
         """Set run tags (delivered with the next batch; non-blocking like `log_metrics`)."""

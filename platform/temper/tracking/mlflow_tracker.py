@@ -17,6 +17,7 @@ The HTTP calls are single attempts with a short timeout (temper.tracking.backend
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -25,6 +26,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from temper.tracking.artifacts import ArtifactOutbox
 from temper.tracking.backend import (
     MAX_TAG_VALUE_CHARS,
     METRICS_PER_BATCH,
@@ -80,6 +82,7 @@ class MlflowTracker(Tracker):
         if self._spool is not None:
             self._spool.write_meta({"run_id": run_id, "tracking_uri": tracking_uri, **(meta or {})})
         self._tags: dict[str, str] = {}
+        self._files = ArtifactOutbox(Path(spool_dir) / "artifacts" if spool_dir else None)
         self._sent = self._dropped = self._rejected = self._spilled = 0
         self._warned: set[str] = set()
         self._outage_since: float | None = None
@@ -144,6 +147,16 @@ class MlflowTracker(Tracker):
         if logged is not None and logged > step:
             self._skip_through = logged
 
+    def log_artifact(self, path: str, data: bytes) -> None:
+        if self._closed:
+            return
+        try:
+            self._files.add(path, data)
+        except OSError as e:
+            self._warn_once(f"file:{path}", "run file %s not staged (%s); skipped", path, e)
+            return
+        self._batch_ready.set()
+
     def set_tags(self, tags: Mapping[str, str]) -> None:
         if self._closed:
             return
@@ -189,6 +202,7 @@ class MlflowTracker(Tracker):
             self._thread.join(max(self._request_timeout_s, 0.2) + 1.0)
         kept = self._keep_on_disk() if not self._thread.is_alive() else 0
         self._report(kept)
+        self._files.report()
 
     # ------------------------------------------------------------------ sender thread
 
@@ -201,7 +215,7 @@ class MlflowTracker(Tracker):
             if ok:
                 backoff = self._backoff[0]
                 if self._closing.is_set():
-                    if not self.pending and not self._tags:
+                    if not self.pending and not self._tags and not self._files.pending:
                         break
                     if self.run_id is None:  # still no run: keep asking until close's deadline
                         self._stop.wait(0.5)
@@ -239,6 +253,7 @@ class MlflowTracker(Tracker):
                 if not batch:
                     break
                 self._send_metrics(batch)
+            self._files.send(functools.partial(self._backend.log_artifact, self.run_id), refused=is_rejection)
         except Exception as e:  # noqa: BLE001 - nothing may reach the training step
             self._on_failure(e)
             return False

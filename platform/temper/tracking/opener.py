@@ -28,8 +28,10 @@ log = logging.getLogger(__name__)
 
 class RunOpener:
     def __init__(self, spec: JobSpec, *, launcher: str, workdir: Path, continue_id: str | None = None,
-                 resumed: bool = True, backoff_s: tuple[float, float] = (1.0, 30.0)) -> None:
+                 resumed: bool = True, backoff_s: tuple[float, float] = (1.0, 30.0),
+                 extra_tags: dict[str, str] | None = None) -> None:
         self.spec, self.launcher, self.workdir = spec, launcher, workdir
+        self.extra_tags = dict(extra_tags or {})
         self.continue_id, self.resumed = continue_id, resumed
         self.backoff_s = backoff_s
         self.handle: RunHandle | None = None
@@ -71,7 +73,7 @@ class RunOpener:
     def _try(self) -> RunHandle:
         if self.continue_id is not None:
             return continue_run(self.spec, run_id=self.continue_id, workdir=self.workdir, resumed=self.resumed)
-        return start_run(self.spec, launcher=self.launcher, workdir=self.workdir)
+        return start_run(self.spec, launcher=self.launcher, workdir=self.workdir, extra_tags=self.extra_tags)
 
     def _retry(self) -> None:
         delay = self.backoff_s[0]

@@ -65,8 +65,9 @@ def resolve_tracking_uri(spec_tracking_uri: str | None, *, workdir: Path) -> str
     return uri
 
 
-def start_run(spec: JobSpec, *, launcher: str, workdir: Path) -> RunHandle:
-    """Create the job's MLflow run; raise TemperError when the tracking server is unreachable."""
+def start_run(spec: JobSpec, *, launcher: str, workdir: Path, extra_tags: dict[str, str] | None = None) -> RunHandle:
+    """Create the job's MLflow run; raise TemperError when the tracking server is unreachable.
+    `extra_tags`: the driver's own (lineage, a pipeline's parent run)."""
     from mlflow import MlflowClient
     from mlflow.entities import Param
 
@@ -75,7 +76,7 @@ def start_run(spec: JobSpec, *, launcher: str, workdir: Path) -> RunHandle:
     client = MlflowClient(tracking_uri=uri)
     experiment_id = _ensure_experiment(client, spec.tracking.experiment, uri=uri, workdir=workdir)
     run = client.create_run(experiment_id, run_name=spec.name,
-                            tags=_run_tags(spec, launcher=launcher, workdir=workdir))
+                            tags={**_run_tags(spec, launcher=launcher, workdir=workdir), **(extra_tags or {})})
     run_id = run.info.run_id
     ui_url = f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}" if is_http_uri(uri) else None
     handle = RunHandle(run_id=run_id, experiment_id=experiment_id, tracking_uri=uri, ui_url=ui_url)

@@ -14,6 +14,7 @@ the same machine) delivers them first. `temper runs sync FOLDER` delivers a fold
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -115,10 +116,15 @@ class Spool:
         return self.size_bytes() > self.max_bytes
 
     def remove_if_empty(self) -> None:
+        """No metrics wait: remove the folder, except undelivered run files (artifacts/...)."""
         if self.folder.is_dir() and not self.segments():
             for p in self.folder.iterdir():
-                p.unlink(missing_ok=True)
-            self.folder.rmdir()
+                if p.is_dir():
+                    _remove_empty_dirs(p)
+                else:
+                    p.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # not empty: run files wait there
+                self.folder.rmdir()
 
     # ------------------------------------------------------------------ helpers
 
@@ -144,3 +150,12 @@ def _atomic_write(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _remove_empty_dirs(folder: Path) -> None:
+    for p in sorted(folder.rglob("*"), key=lambda x: len(x.parts), reverse=True):
+        if p.is_dir():
+            with contextlib.suppress(OSError):
+                p.rmdir()
+    with contextlib.suppress(OSError):
+        folder.rmdir()
