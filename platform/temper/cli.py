@@ -86,6 +86,25 @@ def run(
 
 
 @app.command()
+def pipeline(
+    file: Annotated[Path, typer.Argument(help="The pipeline YAML file (name, stages, report).", show_default=False)],
+    set_: SetOpt = None,
+    launcher: Annotated[str, typer.Option(help="How every stage runs: ray (default), torchrun, inprocess.")] = "ray",
+    address: Annotated[str | None, typer.Option(help="Join this Ray cluster (ray launcher).")] = None,
+) -> None:
+    """Run a pipeline: its stages in order (pretrain, then fine-tune from it, sweeps included)
+    as child runs of one parent MLflow run, which gets the report table and plot."""
+    from temper.launch import build_launcher
+    from temper.launch.pipeline import run_pipeline
+    from temper.spec.pipeline import load_pipeline
+
+    spec = load_pipeline(file)
+    build_launcher(launcher, address=address)  # a bad --launcher fails before any run exists
+    run_pipeline(spec, path=file, launcher_factory=lambda: build_launcher(launcher, address=address),
+                 workdir=Path.cwd(), cli_sets=set_ or [])
+
+
+@app.command()
 def export(
     source: Annotated[str, typer.Argument(help="An MLflow run id, a run's checkpoint folder, or one "
                                                "checkpoint (step) folder.", show_default=False)],
