@@ -205,7 +205,9 @@ def resolve_model_uri(uri: str, tracking_uri: str | None = None, *,
     resolved = resolve_tracking_uri(tracking_uri, workdir=Path.cwd())
     check_reachable(resolved)
     info = model_version(uri, client=MlflowClient(tracking_uri=resolved), tracking_uri=resolved)
-    folder = _cache_root(cache_dir) / _safe(info.name) / info.version
+    # Keyed by the run too: version 1 of a model on another server (or a re-created one) is
+    # other weights under the same name and number.
+    folder = _cache_root(cache_dir) / _safe(info.name) / f"{info.version}-{_safe(info.run_id or 'norun')[:32]}"
     if all((folder / f).is_file() for f in MODEL_FILES):
         return folder, info
     _download(info, folder=folder, tracking_uri=resolved, uri=uri)
