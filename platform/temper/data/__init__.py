@@ -4,7 +4,7 @@ A builder takes (spec, rank=, world_size=) and returns an object with the DataBu
 interface: train_batches(), eval_batches(), has_eval, batches_per_epoch, state_dict(),
 load_state_dict() (and `skipped`, samples substituted under data.on_error=skip, if it can
 skip). A preflight takes the spec, runs on the driver before any worker starts, raises
-TemperError on unusable data and returns warnings.
+TemperError on unusable data and returns warnings (and `Note`s: information, not warnings).
 """
 
 from __future__ import annotations
@@ -17,6 +17,10 @@ from temper.data.base import DataBundle
 from temper.data.synthetic import build_synthetic_data
 from temper.errors import TemperError
 from temper.spec.models import JobSpec
+
+
+class Note(str):
+    """A preflight message that informs (`data.subset keeps 70 of 1400 ...`) rather than warns."""
 
 
 def _webdataset(spec: JobSpec, *, rank: int, world_size: int):
@@ -57,7 +61,7 @@ def with_absolute_paths(spec: JobSpec, *, base: Path) -> JobSpec:
 
 
 def preflight_data(spec: JobSpec) -> list[str]:
-    """Check the job's data before launching workers; returns warnings, raises TemperError."""
+    """Check the job's data before launching workers; returns warnings and `Note`s, raises TemperError."""
     check = DATA_PREFLIGHTS.get(spec.data.kind)
     return check(spec) if check else []
 
@@ -72,4 +76,4 @@ def build_data(spec: JobSpec, *, rank: int, world_size: int) -> DataBundle:
     return builder(spec, rank=rank, world_size=world_size)
 
 
-__all__ = ["DATA_BUILDERS", "DATA_PREFLIGHTS", "DataBundle", "build_data", "preflight_data", "with_absolute_paths"]
+__all__ = ["DATA_BUILDERS", "DATA_PREFLIGHTS", "DataBundle", "Note", "build_data", "preflight_data", "with_absolute_paths"]

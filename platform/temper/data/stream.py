@@ -3,7 +3,8 @@
 One torch DataLoader per training run streams `ShardStream`: its worker w computes each
 epoch's plan (temper.data.plan: the same on every rank, equal batch counts) and reads exactly
 `plan.for_rank(rank)[w]`: the planned sample ranges of each shard, in order, through
-webdataset's tar iterator over `temper.data.io.open_url` (local, http(s), s3). The worker
+webdataset's tar iterator over `temper.data.io.open_url` (local, http(s), s3); under
+`data.subset` the plan's offsets index each shard's kept samples (temper.data.subset). The worker
 delivers its reads through its shuffle window, decodes them, applies the optional transform,
 and collates whole batches; the DataLoader interleaves workers round-robin, the order the
 plan's resume arithmetic assumes.
@@ -31,6 +32,7 @@ from temper.data.base import derive_seed, seeded_generator
 from temper.data.decode import DecodeError, Decoder
 from temper.data.plan import EpochPlan, ReadSegment, ShardSlice, WorkerPlan, build_epoch_plan
 from temper.data.shards import ShardSet
+from temper.data.subset import Subset
 from temper.errors import TemperError
 
 log = logging.getLogger(__name__)
@@ -70,34 +72,39 @@ def count_samples(url: str, *, options: io.IOOptions) -> int:
         raise TemperError(f"data: {url} is not a readable tar shard ({type(e).__name__}: {e}); re-pack it") from e
 
 
-def read_slice(shards: ShardSet, piece: ShardSlice, *, options: io.IOOptions) -> Iterator[dict[str, Any] | Bad]:
-    """Exactly len(piece) items: the raw samples at offsets start..stop-1 of the shard, or a
-    `Bad` for each one that could not be read (truncated or unreadable shard, wrong key)."""
-    shard, start, stop = piece.shard, piece.start, piece.stop
+def read_slice(shards: ShardSet, piece: ShardSlice, *, options: io.IOOptions,
+               subset: Subset | None = None) -> Iterator[dict[str, Any] | Bad]:
+    """Exactly len(piece) items: the raw samples at offsets start..stop-1 of the shard (with a
+    `subset`: at the shard positions its kept indices start..stop-1 name; the samples between
+    are streamed past, not decoded), or a `Bad` for each one that could not be read (truncated
+    or unreadable shard, wrong key)."""
+    shard = piece.shard
     url = shards.urls[shard]
+    wanted = subset.positions(shard)[piece.start : piece.stop] if subset else range(piece.start, piece.stop)
     expected_key = shards.expected_key if shards.key_prefix else None  # None: the manifest names no keys
-    offset, reason = 0, None
+    offset, got, reason = 0, 0, None
     try:
         with io.open_url(url, options=options, size=shards.nbytes[shard]) as stream:
             for sample in _tar_samples(stream, url):
-                if offset >= stop:
+                if got == len(wanted):
                     break
-                if offset >= start:
+                if offset == wanted[got]:
                     if expected_key is not None and sample["__key__"] != (want := expected_key(shard, offset)):
                         raise TemperError(
                             f"data: shard {url} holds sample {sample['__key__']} at position {offset} "
                             f"but its manifest says {want}; the shard does not match the manifest: re-pack it"
                         )
                     yield sample
+                    got += 1
                 offset += 1
     except TemperError:
         raise
     except Exception as e:  # noqa: BLE001 - tarfile, network and decompression errors
         reason = f"the shard could not be read past sample {offset} ({type(e).__name__}: {e})"
-    if offset < piece.stop:
-        reason = reason or f"the shard ends after {offset} samples, its manifest says {shards.sizes[piece.shard]}"
-        for missing in range(max(offset, piece.start), piece.stop):
-            yield Bad(url, shards.expected_key(piece.shard, missing) or f"#{missing}", reason)
+    if got < len(wanted):
+        reason = reason or f"the shard ends after {offset} samples, its manifest says {shards.sizes[shard]}"
+        for missing in wanted[got:]:
+            yield Bad(url, shards.expected_key(shard, missing) or f"#{missing}", reason)
 
 
 def load_transform(path: str | None) -> Callable | None:
@@ -158,10 +165,11 @@ class ShardStream(IterableDataset):
 
     def __init__(self, *, shards: ShardSet, decoder: Decoder, on_error: str, transform: str | None,
                  seed: int, batch_size: int, options: io.IOOptions, layout: Layout | None = None,
-                 cursor: EpochCursor = EpochCursor(), reads: WorkerPlan | None = None) -> None:
+                 cursor: EpochCursor = EpochCursor(), reads: WorkerPlan | None = None,
+                 subset: Subset | None = None) -> None:
         self.shards, self.decoder, self.on_error, self.transform = shards, decoder, on_error, transform
         self.seed, self.batch_size, self.options = seed, batch_size, options
-        self.layout, self.cursor, self.reads = layout, cursor, reads
+        self.layout, self.cursor, self.reads, self.subset = layout, cursor, reads, subset
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self.layout is None:
@@ -182,7 +190,8 @@ class ShardStream(IterableDataset):
             cursor = EpochCursor(cursor.epoch + 1)
 
     def _batches(self, plan: WorkerPlan, *, epoch: int) -> Iterator[dict[str, Any]]:
-        reads = chain.from_iterable(read_slice(self.shards, piece, options=self.options) for piece in plan.slices)
+        reads = chain.from_iterable(read_slice(self.shards, piece, options=self.options, subset=self.subset)
+                                    for piece in plan.slices)
         samples = self._samples(plan.deliver(reads), epoch=epoch, worker=plan.worker)
         while chunk := list(islice(samples, self.batch_size)):
             yield default_collate(chunk)

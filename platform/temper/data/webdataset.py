@@ -1,11 +1,12 @@
 """`data.kind: webdataset`: this rank's batches from tar shards, its resumable position, and
 the preflight that runs on the driver before any worker starts.
 
-The position is (epoch, the epoch's read segments, skipped count, data fingerprint): see
-temper.data.plan for why a segment list and not a single global index. `state_dict()` after
+The position is (epoch, the epoch's read segments, skipped count, data fingerprint, data.subset):
+see temper.data.plan for why a segment list and not a single global index. `state_dict()` after
 k batches and `load_state_dict()` on a fresh bundle (same or another world size) continue with
 exactly the samples an uninterrupted run would read next (same layout), or the unread rest of
-the epoch re-split over the new layout.
+the epoch re-split over the new layout. Under `data.subset` (temper.data.subset) the plan and the
+position count kept training samples only; the eval split is always read whole.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 
-from temper.data import io
+from temper.data import Note, io
 from temper.data.decode import Decoder, array_shape, resolve_fields
 from temper.data.plan import eval_reads, resume_arguments
 from temper.data.shards import ShardSet, check_shards, resolve_shards
@@ -29,6 +30,7 @@ from temper.data.stream import (
     segments_from_state,
     segments_to_state,
 )
+from temper.data.subset import Subset, check_subset_size
 from temper.errors import TemperError
 from temper.spec.models import MODEL_INPUTS, JobSpec, WebDatasetSpec
 
@@ -49,10 +51,15 @@ class ShardedData:
         self.options = io.IOOptions(s3_endpoint_url=d.s3_endpoint_url, timeout_s=d.timeout_s)
         self.decoder = build_decoder(spec, train)
         load_transform(d.transform)  # fail now, on the rank, not in a loader worker
+        self.subset = training_subset(spec, train)
+        if self.subset is not None:
+            check_subset_size(self.subset, ranks=world_size, batch_size=self.batch_size)
+            if rank == 0:
+                log.info("%s", self.subset.describe())
         self.layout = Layout(
-            shard_sizes=train.sizes, seed=spec.seed, rank=rank, world_size=world_size,
-            num_workers=d.num_workers, batch_size=self.batch_size, policy=d.remainder,
-            shuffle_window=d.shuffle_buffer,
+            shard_sizes=self.subset.sizes if self.subset else train.sizes, seed=spec.seed, rank=rank,
+            world_size=world_size, num_workers=d.num_workers, batch_size=self.batch_size,
+            policy=d.remainder, shuffle_window=d.shuffle_buffer,
         )
         self.cursor = EpochCursor()
         self.consumed = 0  # samples this rank took from the current epoch's plan
@@ -77,6 +84,9 @@ class ShardedData:
         return ShardStream(decoder=self.decoder, on_error=d.on_error, transform=d.transform,
                            seed=self.spec.seed, batch_size=self.batch_size, options=self.options, **kw)
 
+    def _subset_state(self) -> dict[str, Any] | None:
+        return self.subset.state() if self.subset else None
+
     def _skip_empty_epochs(self) -> None:
         while self._plan.batches_per_rank == 0:  # resumed exactly at an epoch's end
             self.cursor, self.consumed = EpochCursor(self.cursor.epoch + 1), 0
@@ -87,7 +97,7 @@ class ShardedData:
         self._plan = self.layout.plan(self.cursor)
         self.consumed = 0
         self._skip_empty_epochs()
-        stream = self._stream(shards=self.train, layout=self.layout, cursor=self.cursor)
+        stream = self._stream(shards=self.train, layout=self.layout, cursor=self.cursor, subset=self.subset)
         loader = build_loader(stream, num_workers=self.d.num_workers, pin_memory=self.pin_memory,
                               prefetch_factor=self.d.prefetch_factor)
         for batch in loader:
@@ -124,7 +134,7 @@ class ShardedData:
         return {
             "kind": "webdataset", "epoch": self.cursor.epoch,
             "segments": segments_to_state(self._plan.segments(self.consumed)),
-            "skipped": self.skipped, "fingerprint": self.train.fingerprint(),
+            "skipped": self.skipped, "fingerprint": self.train.fingerprint(), "subset": self._subset_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -137,6 +147,11 @@ class ShardedData:
                 f"data state was written for other shards than {self.train.source} (fingerprint "
                 f"{state.get('fingerprint')} != {self.train.fingerprint()}); resume with the same data.train"
             )
+        if (was := state.get("subset")) != (now := self._subset_state()):
+            raise TemperError(
+                f"data state was written with data.subset {_subset_text(was)}, this run has "
+                f"{_subset_text(now)}; resume with the same data.subset, or start a new run (--no-resume)"
+            )
         history, start = resume_arguments(
             segments_from_state(state["segments"]), world_size=self.world_size,
             num_workers=self.d.num_workers, batch_size=self.batch_size, shuffle_window=self.d.shuffle_buffer,
@@ -145,6 +160,16 @@ class ShardedData:
         self.skipped = int(state.get("skipped", 0))
         self._plan = self.layout.plan(self.cursor)  # validates the position against this data and layout
         self.consumed = 0
+
+
+def _subset_text(state: dict[str, Any] | None) -> str:
+    return f"fraction={state['fraction']} seed={state['seed']}" if state else "null (all samples)"
+
+
+def training_subset(spec: JobSpec, train: ShardSet) -> Subset | None:
+    """The kept training samples under `data.subset`; None: train on all of them."""
+    sub = spec.data.subset
+    return Subset.of(sub, urls=train.urls, sizes=train.sizes) if sub is not None else None
 
 
 def _without_meta(loader: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -216,9 +241,10 @@ def preflight(spec: JobSpec) -> list[str]:
     """Check the shards before any worker starts; return warnings, raise on errors.
 
     Errors: a missing/unreachable manifest or shard (naming the URL), a size or sha256 that
-    differs from the manifest, a model that cannot read the data, fewer samples than one batch
-    per rank. Warning: fewer shards than ranks x loader workers (workers then share shards by
-    sample ranges, each streaming past the samples before its own)."""
+    differs from the manifest, a model that cannot read the data, fewer samples (kept by
+    `data.subset`) than one batch per rank. Warning: fewer shards than ranks x loader workers
+    (workers then share shards by sample ranges, each streaming past the samples before its
+    own). Note: how many training samples `data.subset` keeps."""
     d = spec.data
     options = io.IOOptions(s3_endpoint_url=d.s3_endpoint_url, timeout_s=d.timeout_s)
     train, eval_ = _splits(spec, options)
@@ -237,12 +263,18 @@ def preflight(spec: JobSpec) -> list[str]:
         problems.append(f"data.train has {train.num_samples} samples, fewer than {workers} data-parallel "
                         f"rank(s) x train.micro_batch_size {spec.train.micro_batch_size}; pack more data, "
                         "use fewer resources.workers or a smaller micro_batch_size")
+    subset = training_subset(spec, train)
+    if subset is not None:
+        try:
+            check_subset_size(subset, ranks=workers, batch_size=spec.train.micro_batch_size)
+        except TemperError as e:
+            problems.append(str(e))
     if problems:
         raise TemperError(problems[0], problems=problems)
     load_transform(d.transform)
-    warnings = []
+    warnings: list[str] = [Note(subset.describe())] if subset is not None else []
     readers = workers * max(1, d.num_workers)
-    non_empty = sum(1 for n in train.sizes if n)
+    non_empty = sum(1 for n in train.sizes if n)  # a subset keeps >= 1 sample of every non-empty shard
     if non_empty < readers:
         warnings.append(
             f"data.train has {non_empty} shard(s) for {workers} data-parallel rank(s) x {max(1, d.num_workers)} loader "

@@ -57,13 +57,16 @@ def run_job(spec: JobSpec, *, launcher: Launcher, workdir: Path, resume: str | N
     """Run one job to the end and record it; re-raises KeyboardInterrupt after cleanup.
     `extra_tags` go on a new run (a pipeline's parent run id)."""
     launcher.check(spec)
-    from temper.data import preflight_data, with_absolute_paths
+    from temper.data import Note, preflight_data, with_absolute_paths
     from temper.launch.init_from import plan_init_from
     from temper.launch.resume import plan_resume
 
     spec = with_absolute_paths(spec, base=Path.cwd())
-    for warning in preflight_data(spec):
-        console.print(f"warning: {warning}", markup=False, style="yellow")
+    for message in preflight_data(spec):
+        if isinstance(message, Note):
+            console.print(message, markup=False)
+        else:
+            console.print(f"warning: {message}", markup=False, style="yellow")
     plan = plan_resume(spec, workdir=workdir, resume=resume, no_resume=no_resume, run_id=run_id)
     if plan.note:
         console.print(plan.note, markup=False)
