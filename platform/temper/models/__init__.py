@@ -16,10 +16,12 @@ from temper.errors import TemperError
 from temper.models.base import TaskModel, is_head
 from temper.models.gpt import GPT
 from temper.models.resnet import ResNet
+from temper.models.vit import ViT
 
 MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "gpt": GPT,
     "resnet": ResNet,
+    "vit": ViT,
 }
 
 
@@ -34,4 +36,4 @@ def build_model(spec_model: Any, objective: Any = None) -> nn.Module:
     return builder(spec_model, objective=objective)
 
 
-__all__ = ["GPT", "MODEL_BUILDERS", "ResNet", "TaskModel", "build_model", "is_head"]
+__all__ = ["GPT", "MODEL_BUILDERS", "ResNet", "TaskModel", "ViT", "build_model", "is_head"]

@@ -10,6 +10,8 @@ from temper.errors import TemperError
 from temper.objectives.base import EvalReport, Objective, ObjectiveOutput
 from temper.objectives.causal_lm import CausalLM
 from temper.objectives.classify import Classify
+from temper.objectives.mae import MAE
+from temper.objectives.simclr import SimCLR
 from temper.spec.models import MODEL_INPUTS
 
 
@@ -24,6 +26,9 @@ def _classify(spec: Any, model: Any) -> Classify:
 OBJECTIVE_BUILDERS: dict[str, Callable[[Any, Any], Objective]] = {
     "causal_lm": lambda spec, model: CausalLM(),
     "classify": _classify,
+    "mae": lambda spec, model: MAE(mask_ratio=spec.mask_ratio, norm_pix_loss=spec.norm_pix_loss,
+                                   grid_images=spec.grid_images),
+    "simclr": lambda spec, model: SimCLR(temperature=spec.temperature),
 }
 
 
@@ -42,6 +47,6 @@ def build_objective(spec_objective: Any, model: Any = None) -> Objective:
 
 
 __all__ = [
-    "OBJECTIVE_BUILDERS", "CausalLM", "Classify", "EvalReport", "Objective", "ObjectiveOutput",
+    "MAE", "OBJECTIVE_BUILDERS", "CausalLM", "Classify", "EvalReport", "Objective", "ObjectiveOutput", "SimCLR",
     "build_objective",
 ]
