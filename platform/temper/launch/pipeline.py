@@ -57,12 +57,12 @@ def stage_spec(pipeline: PipelineSpec, stage: StageSpec, *, base: Path, values: 
     from temper.spec import load_spec
 
     sets = [_override(k, v) for k, v in {**pipeline.set, **stage.set}.items()]
-    sets += [_override(k, v) for k, v in values.items()]
+    sets += [_override(key, v) for k, v in values.items() for key in k.split(",")]
     sets.append(f"tracking.experiment={pipeline.experiment_name}")
     if init_source is not None:
         sets.append(f"init_from.source={init_source}")
         sets.append(f"init_from.freeze_backbone={json.dumps(stage.freeze_backbone)}")
-    suffix = "".join(f".{k.rsplit('.', 1)[-1]}{v}" for k, v in values.items())
+    suffix = "".join(f".{k.split(',')[0].rsplit('.', 1)[-1]}{v}" for k, v in values.items())
     spec = load_spec(base / stage.job, [*sets, *cli_sets])
     spec = spec.model_copy(update={"name": f"{pipeline.name}.{stage.name}{suffix}"[:100]})
     if not spec.tracking.enabled:

@@ -36,7 +36,8 @@ class StageSpec(_Spec):
     )
     freeze_backbone: bool = Field(default=False, description="With init_from: train the head only (linear probe).")
     sweep: dict[str, list[Any]] = Field(
-        default_factory=dict, description="KEY.PATH: [values]; one run per combination (the product)."
+        default_factory=dict, description="KEY.PATH: [values]; one run per combination (the product). "
+        "'KEY1,KEY2: [values]' sets both keys to each value (e.g. seed,data.subset.seed)."
     )
 
     def combinations(self) -> list[dict[str, Any]]:
