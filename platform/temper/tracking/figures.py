@@ -74,6 +74,9 @@ def label_fraction_png(curves: dict[str, list[tuple[float, float, float]]], *, m
         ax.errorbar([p[0] * 100 for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
                     marker="o", capsize=3, label=name)
     ax.set_xscale("log")
+    xs = sorted({p[0] * 100 for points in curves.values() for p in points})
+    ax.set_xticks(xs, [f"{x:g}" for x in xs])
+    ax.minorticks_off()
     ax.set_xlabel("labelled training samples used (%)")
     ax.set_ylabel(metric)
     ax.grid(True, alpha=0.3)
