@@ -12,6 +12,8 @@ batch on its own: no collective runs where ranks' eval shares may differ in size
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,6 +43,17 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def _all_gather(z: torch.Tensor) -> torch.Tensor:
+    """Every rank's z, concatenated in rank order; backward sums each rank's gradient share
+    back to the rank that computed it. (torch 2.13 marks this public autograd all_gather
+    deprecated in favour of a private API; the public one is kept, its warning silenced.)"""
+    from torch.distributed.nn.functional import all_gather
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*all_gather is deprecated", category=FutureWarning)
+        return torch.cat(all_gather(z))
+
+
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, *, temperature: float,
             gather: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """NT-Xent of normalized projections z1, z2 [B, D] (row i of each: views of image i).
@@ -51,10 +64,8 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, *, temperature: float,
     b, rank = z1.shape[0], 0
     all1, all2 = z1, z2
     if gather:
-        from torch.distributed.nn.functional import all_gather
-
         rank = torch.distributed.get_rank()
-        all1, all2 = torch.cat(all_gather(z1)), torch.cat(all_gather(z2))
+        all1, all2 = _all_gather(z1), _all_gather(z2)
     g = all1.shape[0]
     candidates = torch.cat([all1, all2])  # [2G, D]
     rows = torch.cat([z1, z2])  # [2B, D]; global indices below
