@@ -10,6 +10,7 @@ from temper.errors import TemperError
 from temper.objectives.base import EvalReport, Objective, ObjectiveOutput
 from temper.objectives.causal_lm import CausalLM
 from temper.objectives.classify import Classify
+from temper.objectives.mlm import MLM
 from temper.spec.models import MODEL_INPUTS
 
 
@@ -21,9 +22,18 @@ def _classify(spec: Any, model: Any) -> Classify:
                     seq_len=getattr(model, "seq_len", None) if field == "tokens" else None)
 
 
+def _mlm(spec: Any, model: Any) -> MLM:
+    if model is None or not hasattr(model, "mask_id"):
+        kind = getattr(model, "kind", None)
+        raise TemperError(f"objective.kind 'mlm' needs an encoder model (model.kind encoder), got {kind}; "
+                          "set model.kind: encoder")
+    return MLM(mask_prob=spec.mask_prob, mask_id=model.mask_id, vocab_size=model.vocab_size, seq_len=model.seq_len)
+
+
 OBJECTIVE_BUILDERS: dict[str, Callable[[Any, Any], Objective]] = {
     "causal_lm": lambda spec, model: CausalLM(),
     "classify": _classify,
+    "mlm": _mlm,
 }
 
 
@@ -42,6 +52,6 @@ def build_objective(spec_objective: Any, model: Any = None) -> Objective:
 
 
 __all__ = [
-    "OBJECTIVE_BUILDERS", "CausalLM", "Classify", "EvalReport", "Objective", "ObjectiveOutput",
+    "MLM", "OBJECTIVE_BUILDERS", "CausalLM", "Classify", "EvalReport", "Objective", "ObjectiveOutput",
     "build_objective",
 ]
