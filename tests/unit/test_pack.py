@@ -224,7 +224,7 @@ def test_verify_names_the_damaged_shard(tmp_path, damage) -> None:
 def test_bad_arguments_fail_with_one_line_naming_the_fix(tmp_path) -> None:
     out = tmp_path / "out"
     cases = {
-        "--format 'txt' is not a format; did you mean 'text'? accepted: digits, imagefolder, npy, pystdlib, synthetic, text":
+        "--format 'txt' is not a format; did you mean 'text'? accepted: digits, imagefolder, npy, pystdlib, pystdlib-packages, synthetic, text":
             lambda: pack("x", out, fmt="txt"),
         f"SOURCE {tmp_path}/nope does not exist; pass an existing file or folder for --format text":
             lambda: pack(str(tmp_path / "nope"), out, fmt="text"),
@@ -234,7 +234,7 @@ def test_bad_arguments_fail_with_one_line_naming_the_fix(tmp_path) -> None:
             lambda: pack("token", out, fmt="synthetic"),
         f"--tokenizer {tmp_path}/tok.json does not exist; pass a local tokenizer.json file, or leave --tokenizer out for the byte-level tokenizer":
             lambda: pack("pystdlib", out, fmt="pystdlib", tokenizer=str(tmp_path / "tok.json")),
-        "--tokenizer applies to --format text or pystdlib; drop it for --format digits":
+        "--tokenizer applies to --format text or pystdlib or pystdlib-packages; drop it for --format digits":
             lambda: pack("digits", out, fmt="digits", tokenizer="tok.json"),
         "--shard-size 0 must be a positive integer; pass --shard-size 1 or more":
             lambda: pack("digits", out, fmt="digits", shard_size=0),

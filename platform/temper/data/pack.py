@@ -4,7 +4,9 @@ Formats (SOURCE meaning in brackets): `imagefolder` [folder/<class>/<image>.png|
 `text` [a .txt/.md/.py/.jsonl file or a folder of them], `npy` [a .npy array, one sample per
 row, or a folder of .npy files, one sample each; a sibling labels.npy adds `cls`], `digits`
 [built-in: scikit-learn's bundled 8x8 digits], `pystdlib` [built-in: this Python's standard
-library source as a text corpus], `synthetic` [`tokens` or `images`, seeded generators].
+library source as a text corpus], `pystdlib-packages` [built-in: stdlib code windows labelled
+by package, written as OUT_DIR/train and OUT_DIR/eval; see temper.data.pack_sources],
+`synthetic` [`tokens` or `images`, seeded generators].
 
 Packing is deterministic: `seed` fixes the sample order (the document order for text), the
 tar headers carry a fixed mtime/owner, so the same inputs give byte-identical shards. Shards
@@ -37,10 +39,11 @@ from temper.errors import MissingDependencyError, TemperError
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("digits", "imagefolder", "npy", "pystdlib", "synthetic", "text")
-TEXT_FORMATS = ("text", "pystdlib")
+FORMATS = ("digits", "imagefolder", "npy", "pystdlib", "pystdlib-packages", "synthetic", "text")
+TEXT_FORMATS = ("text", "pystdlib", "pystdlib-packages")
 PATH_FORMATS = ("imagefolder", "npy", "text")  # SOURCE is a file or folder
-BUILTIN_SOURCES = {"digits": "scikit-learn's bundled 8x8 digits", "pystdlib": "the Python standard library"}
+BUILTIN_SOURCES = {"digits": "scikit-learn's bundled 8x8 digits", "pystdlib": "the Python standard library",
+                   "pystdlib-packages": "Python standard library code labelled by package"}
 SYNTHETIC_SOURCES = ("tokens", "images")
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".jsonl")
 IMAGE_SUFFIXES = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg"}
@@ -70,6 +73,7 @@ class Source:
     samples: Iterable[dict[str, Any]]
     extras: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, int] = field(default_factory=dict)  # filled while iterating (text)
+    splits: dict[str, Source] = field(default_factory=dict)  # packed as OUT_DIR/<split>, each its own dataset
 
 
 # ------------------------------------------------------------------------------ validation
@@ -330,11 +334,18 @@ def _token_source(name: str, description: str, files: list[Path], opts: PackOpti
     return Source(name, description, sequences(), extras, stats)
 
 
+def _pystdlib_packages(source: str, opts: PackOptions) -> Source:
+    from temper.data.pack_sources import pystdlib_packages
+
+    return pystdlib_packages(source, opts)
+
+
 SOURCES: dict[str, Callable[[str, PackOptions], Source]] = {
     "digits": _digits,
     "imagefolder": _imagefolder,
     "npy": _npy,
     "pystdlib": _pystdlib,
+    "pystdlib-packages": _pystdlib_packages,
     "synthetic": _synthetic,
     "text": _text,
 }
@@ -511,7 +522,9 @@ def pack(
     """Pack SOURCE into WebDataset shards + manifest.json under OUT_DIR; returns the manifest.
 
     `shard_size` caps samples per shard, `max_shard_bytes` the shard file size (default
-    256 MiB when neither is given). Text formats cut `seq_len + 1` token sequences.
+    256 MiB when neither is given). Text formats cut `seq_len + 1` token sequences. A source
+    with splits (pystdlib-packages) writes one dataset per split under OUT_DIR/<split>, its
+    `limit` counting per class; the first split's manifest is returned.
     """
     check_format(fmt)
     _check_positive(shard_size=shard_size, max_shard_bytes=max_shard_bytes, seq_len=seq_len, limit=limit)
@@ -522,13 +535,31 @@ def pack(
     tok = load_tokenizer(tokenizer) if fmt in TEXT_FORMATS else None
     src = SOURCES[fmt](source, PackOptions(seq_len=seq_len, limit=limit, seed=seed, tokenizer=tok))
     out = Path(out_dir).expanduser()
+    write = dict(fmt=fmt, source=source, shard_size=shard_size, max_shard_bytes=max_shard_bytes, seq_len=seq_len,
+                 limit=limit, seed=seed, prefix=prefix, overwrite=overwrite, tok=tok)
+    if src.splits:  # the source applies `limit` per class itself
+        if out.exists() and not out.is_dir():
+            raise TemperError(f"OUT_DIR {out} is a file; pass a folder (it is created if missing)")
+        for name in src.splits:  # refuse before writing any split
+            _check_out_dir(out / name, source=source, fmt=fmt, overwrite=overwrite, prefix=prefix or src.splits[name].name)
+        manifests = [_pack_source(sub, out / name, **write, write_limit=None) for name, sub in src.splits.items()]
+        return manifests[0]
+    return _pack_source(src, out, **write, write_limit=limit)
+
+
+def _pack_source(
+    src: Source, out: Path, *, fmt: str, source: str, shard_size: int | None, max_shard_bytes: int | None,
+    seq_len: int, limit: int | None, write_limit: int | None, seed: int, prefix: str | None, overwrite: bool,
+    tok: Tokenizer | None,
+) -> Manifest:
+    """Write one source's samples into shards + manifest.json under `out`."""
     shard_prefix = prefix or src.name
     stale = _check_out_dir(out, source=source, fmt=fmt, overwrite=overwrite, prefix=shard_prefix)
     if shard_size is None and max_shard_bytes is None:
         max_shard_bytes = DEFAULT_MAX_SHARD_BYTES
     sink = ShardSink(out, prefix=shard_prefix, shard_size=shard_size, max_shard_bytes=max_shard_bytes)
     try:
-        keys = _write_samples(src, sink, limit=limit)
+        keys = _write_samples(src, sink, limit=write_limit)
         shards = sink.close()
         if not shards:
             raise _empty_error(source, fmt=fmt, src=src, seq_len=seq_len)

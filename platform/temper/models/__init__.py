@@ -14,12 +14,17 @@ from torch import nn
 
 from temper.errors import TemperError
 from temper.models.base import TaskModel, is_head
+from temper.models.encoder import Encoder
 from temper.models.gpt import GPT
+from temper.models.recurrent import Recurrent
 from temper.models.resnet import ResNet
 from temper.models.vit import ViT
 
 MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "encoder": Encoder,
     "gpt": GPT,
+    "gru": Recurrent,
+    "lstm": Recurrent,
     "resnet": ResNet,
     "vit": ViT,
 }
@@ -36,4 +41,5 @@ def build_model(spec_model: Any, objective: Any = None) -> nn.Module:
     return builder(spec_model, objective=objective)
 
 
-__all__ = ["GPT", "MODEL_BUILDERS", "ResNet", "TaskModel", "ViT", "build_model", "is_head"]
+__all__ = ["GPT", "MODEL_BUILDERS", "Encoder", "Recurrent", "ResNet", "TaskModel", "ViT", "build_model",
+           "is_head"]

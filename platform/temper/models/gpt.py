@@ -21,10 +21,12 @@ from temper.spec.models import GPTSpec
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention via `scaled_dot_product_attention(is_causal=True)`."""
+    """Multi-head self-attention via `scaled_dot_product_attention`: causal by default,
+    bidirectional with causal=False (the encoder's). Reads d_model, n_head, dropout."""
 
-    def __init__(self, spec: GPTSpec) -> None:
+    def __init__(self, spec: GPTSpec, *, causal: bool = True) -> None:
         super().__init__()
+        self.causal = causal
         d = spec.d_model
         self.head_dim = d // spec.n_head
         self.q = nn.Linear(d, d)
@@ -41,7 +43,7 @@ class CausalSelfAttention(nn.Module):
             lin(x).view(b, t, -1, self.head_dim).transpose(1, 2) for lin in (self.q, self.k, self.v)
         )
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0
         )
         y = y.transpose(1, 2).reshape(b, t, -1)
         return self.resid_drop(self.proj(y))
@@ -63,12 +65,13 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+    """Pre-norm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x)); causal=False for
+    the bidirectional encoder."""
 
-    def __init__(self, spec: GPTSpec) -> None:
+    def __init__(self, spec: GPTSpec, *, causal: bool = True) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(spec.d_model)
-        self.attn = CausalSelfAttention(spec)
+        self.attn = CausalSelfAttention(spec, causal=causal)
         self.ln2 = nn.LayerNorm(spec.d_model)
         self.mlp = MLP(spec)
 

@@ -11,6 +11,7 @@ from temper.objectives.base import EvalReport, Objective, ObjectiveOutput
 from temper.objectives.causal_lm import CausalLM
 from temper.objectives.classify import Classify
 from temper.objectives.mae import MAE
+from temper.objectives.mlm import MLM
 from temper.objectives.simclr import SimCLR
 from temper.spec.models import MODEL_INPUTS
 
@@ -23,12 +24,21 @@ def _classify(spec: Any, model: Any) -> Classify:
                     seq_len=getattr(model, "seq_len", None) if field == "tokens" else None)
 
 
+def _mlm(spec: Any, model: Any) -> MLM:
+    if model is None or not hasattr(model, "mask_id"):
+        kind = getattr(model, "kind", None)
+        raise TemperError(f"objective.kind 'mlm' needs an encoder model (model.kind encoder), got {kind}; "
+                          "set model.kind: encoder")
+    return MLM(mask_prob=spec.mask_prob, mask_id=model.mask_id, vocab_size=model.vocab_size, seq_len=model.seq_len)
+
+
 OBJECTIVE_BUILDERS: dict[str, Callable[[Any, Any], Objective]] = {
     "causal_lm": lambda spec, model: CausalLM(),
     "classify": _classify,
     "mae": lambda spec, model: MAE(mask_ratio=spec.mask_ratio, norm_pix_loss=spec.norm_pix_loss,
                                    grid_images=spec.grid_images),
     "simclr": lambda spec, model: SimCLR(temperature=spec.temperature),
+    "mlm": _mlm,
 }
 
 
@@ -47,6 +57,7 @@ def build_objective(spec_objective: Any, model: Any = None) -> Objective:
 
 
 __all__ = [
-    "MAE", "OBJECTIVE_BUILDERS", "CausalLM", "Classify", "EvalReport", "Objective", "ObjectiveOutput", "SimCLR",
+    "MAE", "MLM", "OBJECTIVE_BUILDERS", "CausalLM", "Classify", "EvalReport", "Objective", "ObjectiveOutput",
+    "SimCLR",
     "build_objective",
 ]

@@ -1,0 +1,131 @@
+"""BERT-style bidirectional encoder: pre-LayerNorm blocks without a causal mask.
+
+Pure single-device model, like temper.models.gpt (whose Block it reuses with causal=False):
+strategies wrap each entry of `Encoder.blocks`. Heads (temper.models.base):
+
+- `heads.mlm` (objective mlm): Linear d->d, GELU, LayerNorm, then a decoder to the
+  vocabulary whose weight is the token embedding (tied) plus its own bias (BERT's).
+- `heads.classify` (objective classify): Linear d->num_classes on the mean of the token
+  states (pool: mean) or on a learned [CLS] token prepended to the input (pool: cls).
+
+The [CLS] token is part of the backbone whenever pool is cls, so MLM pretraining and
+classification fine-tuning share every backbone name and shape.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from temper.errors import TemperError
+from temper.models.base import HEADS, TaskModel
+from temper.models.gpt import Block
+from temper.spec.models import EncoderSpec
+
+
+class MLMHead(nn.Module):
+    """Transform (Linear, GELU, LayerNorm) then a vocabulary decoder; the decoder's weight is
+    set to the token embedding by the encoder (tied), its bias is its own."""
+
+    def __init__(self, d_model: int, vocab_size: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(d_model, d_model)
+        self.act = nn.GELU()
+        self.norm = nn.LayerNorm(d_model)
+        self.decoder = nn.Linear(d_model, vocab_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.norm(self.act(self.dense(x))))
+
+
+class Encoder(TaskModel):
+    """forward(tokens [B, T], head="mlm") -> logits [B, T, vocab_size];
+    head="classify" -> [B, num_classes] from the mean (or [CLS]) final state."""
+
+    def __init__(self, spec: EncoderSpec, *, objective=None) -> None:
+        super().__init__()
+        self.spec = spec
+        kind = getattr(objective, "kind", "mlm")
+        self.use_cls = spec.pool == "cls"
+        self.tok_emb = nn.Embedding(spec.vocab_size, spec.d_model)
+        self.pos_emb = nn.Embedding(spec.seq_len + int(self.use_cls), spec.d_model)
+        if self.use_cls:
+            self.cls_token = nn.Parameter(torch.empty(1, 1, spec.d_model))
+        self.drop = nn.Dropout(spec.dropout)
+        self.blocks = nn.ModuleList(Block(spec, causal=False) for _ in range(spec.n_layer))
+        self.ln_f = nn.LayerNorm(spec.d_model)
+        heads: dict[str, nn.Module] = {}
+        if kind == "mlm":
+            heads["mlm"] = MLMHead(spec.d_model, spec.vocab_size)
+            heads["mlm"].decoder.weight = self.tok_emb.weight  # tied; materialize re-ties it
+        elif kind == "classify":
+            heads["classify"] = nn.Linear(spec.d_model, spec.num_classes)
+        self.heads = nn.ModuleDict(heads)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """(Re)initialize every parameter from the torch RNG (deterministic)."""
+        with torch.no_grad():
+            for name, param in self.named_parameters():  # the tied weight is listed once
+                self.init_parameter(name, param)
+
+    @torch.no_grad()
+    def init_parameter(
+        self, name: str, tensor: torch.Tensor, *, generator: torch.Generator | None = None
+    ) -> None:
+        """Heads by TaskModel's rule; elsewhere N(0, 0.02) (residual projections scaled by
+        1/sqrt(2 n_layer), as GPT-2), LayerNorm (1, 0), biases 0. Called per parameter with a
+        generator seeded by (seed, name) by the strategies, so sharding never changes it."""
+        if name.startswith(HEADS):
+            self.init_head_parameter(name, tensor, generator=generator)
+        elif name.endswith(".bias"):
+            tensor.zero_()
+        elif name.rpartition(".")[0].rpartition(".")[2].startswith("ln"):
+            tensor.fill_(1.0)
+        else:
+            std = 0.02
+            if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
+                std = 0.02 / math.sqrt(2 * self.spec.n_layer)
+            tensor.normal_(mean=0.0, std=std, generator=generator)
+
+    def forward(self, tokens: torch.Tensor, head: str = "mlm") -> torch.Tensor:
+        x = self.ln_f(self.features(tokens))
+        if head == "classify":
+            pooled = x[:, 0] if self.use_cls else x.mean(dim=1)
+            return self.heads["classify"](pooled)
+        if self.use_cls:
+            x = x[:, 1:]  # one prediction per input token
+        return self.heads[head](x)
+
+    def features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Hidden states [B, T (+1 with the [CLS] token first), d_model] before the final norm."""
+        b, t = tokens.shape
+        if t > self.spec.seq_len:
+            raise TemperError(
+                f"input has {t} tokens but model.seq_len is {self.spec.seq_len}; "
+                f"raise model.seq_len to at least {t}"
+            )
+        x = self.tok_emb(tokens)
+        if self.use_cls:
+            x = torch.cat([self.cls_token.expand(b, 1, -1).to(x.dtype), x], dim=1)
+        pos = torch.arange(x.shape[1], device=tokens.device)
+        x = self.drop(x + self.pos_emb(pos))
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count (the tied weight once); non_embedding drops the position embedding."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.pos_emb.weight.numel() if non_embedding else n
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token: 6N + 12 * L * d * T (as GPT; attention is full, not causal,
+        but the estimate counts the same matmuls)."""
+        s = self.spec
+        return 6 * self.num_params() + 12 * s.n_layer * s.d_model * s.seq_len
+
+    def train_flops_per_sample(self) -> int:
+        return self.flops_per_token() * self.spec.seq_len
