@@ -30,6 +30,14 @@ def problems(path: Path, overrides=()) -> list[str]:
 
 @pytest.mark.parametrize("job", sorted((ROOT / "jobs").rglob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_job_validates(job: Path) -> None:
+    from temper.spec.loader import read_yaml
+    from temper.spec.pipeline import is_pipeline_file, load_pipeline
+
+    if is_pipeline_file(read_yaml(job)):  # a pipeline: the file and every stage's job
+        pipeline = load_pipeline(job)
+        for stage in pipeline.stages:
+            assert isinstance(load_spec(job.parent / stage.job), JobSpec)
+        return
     spec = load_spec(job)
     assert isinstance(spec, JobSpec)
 
