@@ -120,3 +120,20 @@ def test_run_id_logs_into_a_submitted_run_and_a_retry_resumes_it(tmp_path, mlflo
     assert [s for s, _ in loss_curve(client, run_id)] == list(range(1, 13))
     both = temper("run", TINY_GPT, "--run-id", run_id, "--no-resume", *sets, cwd=tmp_path)
     assert both.returncode == 2 and "exclude each other" in both.stderr
+
+
+def test_a_checkpoint_dir_shared_by_two_jobs_resumes_only_the_same_job(tmp_path) -> None:
+    """Automatic resume continues this job's unfinished run, never another job's that happens to
+    share checkpoint.dir (its model may differ: loading it would fail or, worse, succeed)."""
+    sets = ["--launcher", "inprocess", "--set", "tracking.enabled=false", "--set", "train.eval_every=0",
+            "--set", "checkpoint.dir=shared", "--set", "resources.workers=1"]
+    first = temper("run", TINY_GPT, *sets, "--set", "name=job-a", "--set", "train.max_steps=4", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-4000:]
+    other = temper("run", TINY_GPT, *sets, "--set", "name=job-b", "--set", "train.max_steps=6", cwd=tmp_path)
+    assert other.returncode == 0, other.stderr[-4000:]
+    assert "holds runs of other jobs (job-a), none of 'job-b': starting a new run" in other.stderr
+    assert "resuming run" not in other.stderr
+    again = temper("run", TINY_GPT, *sets, "--set", "name=job-a", "--set", "train.max_steps=8", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "from step 4" in again.stderr  # job-a's own run goes on
+    assert len(list((tmp_path / "shared").iterdir())) == 2

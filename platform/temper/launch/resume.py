@@ -130,13 +130,23 @@ def _automatic(spec: JobSpec, *, root: str) -> ResumePlan:
     from temper.checkpoint import find_latest
 
     opts = storage_options(spec)
-    candidates = []
+    candidates, others = [], set()
     for run_dir in _run_dirs(root, opts):
         latest = find_latest(run_dir, storage_options=opts)
-        if latest is not None:
-            candidates.append((latest.manifest.created, run_dir, latest))
+        if latest is None:
+            continue
+        # A checkpoint.dir shared by several jobs: only this job's runs are continued.
+        name = (latest.manifest.extra or {}).get("name", spec.name)
+        if name != spec.name:
+            others.add(name)
+            continue
+        candidates.append((latest.manifest.created, run_dir, latest))
     if not candidates:
-        return ResumePlan(root=root)
+        note = None
+        if others:
+            note = (f"checkpoint.dir {root} holds runs of other jobs ({', '.join(sorted(others))}), none of "
+                    f"'{spec.name}': starting a new run")
+        return ResumePlan(root=root, note=note)
     _, run_dir, latest = max(candidates, key=lambda c: c[0])
     if latest.manifest.step >= spec.train.max_steps:
         return ResumePlan(root=root, note=(
