@@ -16,11 +16,11 @@ import pytest
 
 from temper.data import Note
 from temper.data.subset import kept_count
-from temper.data.webdataset import ShardedData, build_webdataset_data, preflight
+from temper.data.webdataset import preflight
 from temper.errors import TemperError
 from temper.spec.models import JobSpec
 from tests.fixtures.shard_servers import write_shards
-from tests.unit.test_webdataset import _corrupt, take
+from tests.unit.test_webdataset import _corrupt, ranks, take
 
 SIZES = [120, 7, 0, 95, 60, 18]  # uneven, one empty: 300 samples
 FIRST = [sum(SIZES[:i]) for i in range(len(SIZES))]
@@ -39,11 +39,6 @@ def job(train: str, *, fraction: float | None = 0.2, seed: int = 1, workers: int
         "resources": {"workers": workers},
         "tracking": {"enabled": False},
     })
-
-
-def ranks(spec: JobSpec) -> list[ShardedData]:
-    w = spec.resources.workers
-    return [build_webdataset_data(spec, rank=r, world_size=w) for r in range(w)]
 
 
 def epoch_keys(spec: JobSpec) -> list[list[str]]:

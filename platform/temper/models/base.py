@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from temper.errors import TemperError
+
 HEADS = "heads."
 _NORMS = (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)
 
@@ -34,6 +36,19 @@ class TaskModel(nn.Module):
 
     heads: nn.ModuleDict
     backbone_frozen: bool = False
+
+    def init_weights(self) -> None:
+        """(Re)initialize every parameter from the torch RNG, by `init_parameter`."""
+        with torch.no_grad():
+            for name, param in self.named_parameters():  # a tied weight is listed once
+                self.init_parameter(name, param)
+
+    def init_parameter(self, name: str, tensor: torch.Tensor, *,
+                       generator: torch.Generator | None = None) -> None:
+        """Fill `tensor` (the full, unsharded shape of parameter `name`), deterministically from
+        `generator`. Strategies call it per parameter with a generator seeded by (seed, name),
+        so sharding never changes the initialization."""
+        raise NotImplementedError
 
     @torch.no_grad()
     def init_head_parameter(self, name: str, tensor: torch.Tensor, *,
@@ -66,6 +81,14 @@ class TaskModel(nn.Module):
                 if name != "heads":
                     child.train(False)
         return self
+
+
+def check_seq_len(tokens: torch.Tensor, seq_len: int) -> int:
+    """The input's length T ([B, T] tokens); a clear error when it exceeds model.seq_len."""
+    t = tokens.shape[1]
+    if t > seq_len:
+        raise TemperError(f"input has {t} tokens but model.seq_len is {seq_len}; raise model.seq_len to at least {t}")
+    return t
 
 
 def mlp_head(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:

@@ -14,14 +14,11 @@ classification fine-tuning share every backbone name and shape.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from temper.errors import TemperError
-from temper.models.base import HEADS, TaskModel
-from temper.models.gpt import Block
+from temper.models.base import HEADS, TaskModel, check_seq_len
+from temper.models.gpt import Block, init_gpt2
 from temper.spec.models import EncoderSpec
 
 
@@ -65,12 +62,6 @@ class Encoder(TaskModel):
         self.heads = nn.ModuleDict(heads)
         self.init_weights()
 
-    def init_weights(self) -> None:
-        """(Re)initialize every parameter from the torch RNG (deterministic)."""
-        with torch.no_grad():
-            for name, param in self.named_parameters():  # the tied weight is listed once
-                self.init_parameter(name, param)
-
     @torch.no_grad()
     def init_parameter(
         self, name: str, tensor: torch.Tensor, *, generator: torch.Generator | None = None
@@ -80,15 +71,8 @@ class Encoder(TaskModel):
         generator seeded by (seed, name) by the strategies, so sharding never changes it."""
         if name.startswith(HEADS):
             self.init_head_parameter(name, tensor, generator=generator)
-        elif name.endswith(".bias"):
-            tensor.zero_()
-        elif name.rpartition(".")[0].rpartition(".")[2].startswith("ln"):
-            tensor.fill_(1.0)
         else:
-            std = 0.02
-            if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
-                std = 0.02 / math.sqrt(2 * self.spec.n_layer)
-            tensor.normal_(mean=0.0, std=std, generator=generator)
+            init_gpt2(name, tensor, n_layer=self.spec.n_layer, generator=generator)
 
     def forward(self, tokens: torch.Tensor, head: str = "mlm") -> torch.Tensor:
         x = self.ln_f(self.features(tokens))
@@ -101,12 +85,8 @@ class Encoder(TaskModel):
 
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
         """Hidden states [B, T (+1 with the [CLS] token first), d_model] before the final norm."""
-        b, t = tokens.shape
-        if t > self.spec.seq_len:
-            raise TemperError(
-                f"input has {t} tokens but model.seq_len is {self.spec.seq_len}; "
-                f"raise model.seq_len to at least {t}"
-            )
+        check_seq_len(tokens, self.spec.seq_len)
+        b = tokens.shape[0]
         x = self.tok_emb(tokens)
         if self.use_cls:
             x = torch.cat([self.cls_token.expand(b, 1, -1).to(x.dtype), x], dim=1)

@@ -15,10 +15,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from temper.errors import TemperError
-from temper.models.base import HEADS, TaskModel
+from temper.models.base import HEADS, TaskModel, check_seq_len
 from temper.spec.models import GPTSpec
 
+
+@torch.no_grad()
+def init_gpt2(name: str, tensor: torch.Tensor, *, n_layer: int, generator: torch.Generator | None = None) -> None:
+    """GPT-2's scheme for a transformer backbone's parameter: biases 0, LayerNorm weights
+    (modules named ln*) 1, N(0, 0.02) elsewhere, residual projections N(0, 0.02 / sqrt(2 n_layer))."""
+    if name.endswith(".bias"):
+        tensor.zero_()
+    elif name.rpartition(".")[0].rpartition(".")[2].startswith("ln"):
+        tensor.fill_(1.0)
+    else:
+        std = 0.02
+        if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
+            std = 0.02 / math.sqrt(2 * n_layer)
+        tensor.normal_(mean=0.0, std=std, generator=generator)
 
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention via `scaled_dot_product_attention`: causal by default,
@@ -104,12 +117,6 @@ class GPT(TaskModel):
         )
         self.init_weights()
 
-    def init_weights(self) -> None:
-        """(Re)initialize every parameter from the torch RNG (GPT-2 scheme, deterministic)."""
-        with torch.no_grad():
-            for name, param in self.named_parameters():  # a tied weight is listed once
-                self.init_parameter(name, param)
-
     @torch.no_grad()
     def init_parameter(
         self, name: str, tensor: torch.Tensor, *, generator: torch.Generator | None = None
@@ -121,15 +128,8 @@ class GPT(TaskModel):
         """
         if name.startswith(HEADS):
             self.init_head_parameter(name, tensor, generator=generator)
-        elif name.endswith(".bias"):
-            tensor.zero_()
-        elif name.rpartition(".")[0].rpartition(".")[2].startswith("ln"):
-            tensor.fill_(1.0)
         else:
-            std = 0.02
-            if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
-                std = 0.02 / math.sqrt(2 * self.spec.n_layer)
-            tensor.normal_(mean=0.0, std=std, generator=generator)
+            init_gpt2(name, tensor, n_layer=self.spec.n_layer, generator=generator)
 
     def forward(self, tokens: torch.Tensor, head: str = "lm") -> torch.Tensor:
         x = self.ln_f(self.features(tokens))
@@ -139,12 +139,7 @@ class GPT(TaskModel):
 
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
         """Hidden states [B, T, d_model] after the last block (before the final norm)."""
-        t = tokens.shape[1]
-        if t > self.spec.seq_len:
-            raise TemperError(
-                f"input has {t} tokens but model.seq_len is {self.spec.seq_len}; "
-                f"raise model.seq_len to at least {t}"
-            )
+        t = check_seq_len(tokens, self.spec.seq_len)
         pos = torch.arange(t, device=tokens.device)
         x = self.drop(self.tok_emb(tokens) + self.pos_emb(pos))
         for block in self.blocks:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from temper.errors import TemperError
-from temper.models.base import HEADS, TaskModel
+from temper.models.base import HEADS, TaskModel, check_seq_len
 from temper.spec.models import RecurrentSpec
 
 RNNS: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU}
@@ -45,12 +45,6 @@ class Recurrent(TaskModel):
     def rnn(self) -> nn.RNNBase:
         return self.blocks[0]
 
-    def init_weights(self) -> None:
-        """(Re)initialize every parameter from the torch RNG (deterministic)."""
-        with torch.no_grad():
-            for name, param in self.named_parameters():
-                self.init_parameter(name, param)
-
     @torch.no_grad()
     def init_parameter(
         self, name: str, tensor: torch.Tensor, *, generator: torch.Generator | None = None
@@ -70,12 +64,7 @@ class Recurrent(TaskModel):
 
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
         """The sequence summary [B, hidden_size * directions] the classifier reads."""
-        t = tokens.shape[1]
-        if t > self.spec.seq_len:
-            raise TemperError(
-                f"input has {t} tokens but model.seq_len is {self.spec.seq_len}; "
-                f"raise model.seq_len to at least {t}"
-            )
+        check_seq_len(tokens, self.spec.seq_len)
         out, _ = self.rnn(self.tok_emb(tokens))  # [B, T, directions * H]
         h = self.spec.hidden_size
         if not self.spec.bidirectional:

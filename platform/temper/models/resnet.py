@@ -138,17 +138,12 @@ class ResNet(TaskModel):
         self._forward_flops: int | None = None
         self.init_weights()
 
-    def init_weights(self) -> None:
-        """Kaiming-normal convs, BN (1, 0), zero gamma on each branch's last BN, default head."""
-        with torch.no_grad():
-            for name, param in self.named_parameters():
-                self.init_parameter(name, param)
-
     @torch.no_grad()
     def init_parameter(
         self, name: str, tensor: torch.Tensor, *, generator: torch.Generator | None = None
     ) -> None:
-        """Fill `tensor` (the full shape of parameter `name`) from `generator` (see init_weights)."""
+        """Kaiming-normal convs, BN (1, 0), zero gamma on each branch's last BN, nn.Linear's
+        default for the classifier, heads' rule for the other heads; from `generator`."""
         owner_name, _, attr = name.rpartition(".")
         owner = self.get_submodule(owner_name)
         if name.startswith(HEADS) and not isinstance(owner, nn.Linear):

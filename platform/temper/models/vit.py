@@ -116,12 +116,6 @@ class ViT(TaskModel):
         self.heads = nn.ModuleDict(heads)
         self.init_weights()
 
-    def init_weights(self) -> None:
-        """(Re)initialize every parameter from the torch RNG (see init_parameter)."""
-        with torch.no_grad():
-            for name, param in self.named_parameters():
-                self.init_parameter(name, param)
-
     @torch.no_grad()
     def init_parameter(
         self, name: str, tensor: torch.Tensor, *, generator: torch.Generator | None = None
