@@ -100,6 +100,24 @@ def finetune(spec, *, weights, train, evalset, seed: int, steps: int) -> tuple[f
     return accuracy(model, *evalset, seq_len=seq_len), time.perf_counter() - start
 
 
+def ngram_reference(train, evalset, *, seed: int, fraction: float = 1.0) -> float:
+    """What the task allows a classic model: TF-IDF of byte 1-4-grams plus logistic regression
+    (scikit-learn), on the same windows (optionally a seeded fraction of them)."""
+    import numpy as np
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    def texts(tokens: torch.Tensor) -> list[str]:
+        return [bytes(t for t in row if t < 256).decode("latin-1") for row in tokens.tolist()]
+
+    (tokens, labels), (eval_tokens, eval_labels) = train, evalset
+    idx = np.random.default_rng(seed).permutation(len(labels))[: max(1, int(fraction * len(labels)))]
+    vec = TfidfVectorizer(analyzer="char", ngram_range=(1, 4), min_df=2, sublinear_tf=True, max_features=200_000)
+    x = vec.fit_transform(texts(tokens[idx]))
+    clf = LogisticRegression(max_iter=2000, C=10.0).fit(x, labels.numpy()[idx])
+    return float((clf.predict(vec.transform(texts(eval_tokens))) == eval_labels.numpy()).mean())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="the pretraining run's checkpoint folder (run or step-N)")
@@ -107,6 +125,8 @@ def main() -> None:
     p.add_argument("--data", default="data/pystdlib-packages")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--reference", action="store_true",
+                   help="add a TF-IDF byte n-gram + logistic regression row (scikit-learn, ~1 min per seed)")
     args = p.parse_args()
     spec = load_spec(args.job)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -116,11 +136,14 @@ def main() -> None:
           f"batch {spec.train.micro_batch_size}, lr {spec.optim.lr}", file=sys.stderr)
     results: dict[str, list[float]] = {"scratch": [], "pretrained": []}
     for seed in args.seeds:
-        for init in results:
+        for init in ("scratch", "pretrained"):
             acc, secs = finetune(spec, weights=weights if init == "pretrained" else None, train=train,
                                  evalset=evalset, seed=seed, steps=args.steps)
             results[init].append(acc)
             print(f"seed {seed} {init}: eval acc {acc:.4f} ({secs:.0f}s)", file=sys.stderr)
+        if args.reference:
+            results.setdefault("byte n-gram TF-IDF + logistic regression", []).append(
+                ngram_reference(train, evalset, seed=seed))
     print(f"\n| init | {' | '.join(f'seed {s}' for s in args.seeds)} | mean | std |")
     print(f"|---|{'---|' * len(args.seeds)}---|---|")
     for init, accs in results.items():
