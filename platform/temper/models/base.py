@@ -43,11 +43,21 @@ class TaskModel(nn.Module):
             for name, param in self.named_parameters():  # a tied weight is listed once
                 self.init_parameter(name, param)
 
+    @torch.no_grad()
     def init_parameter(self, name: str, tensor: torch.Tensor, *,
                        generator: torch.Generator | None = None) -> None:
         """Fill `tensor` (the full, unsharded shape of parameter `name`), deterministically from
-        `generator`. Strategies call it per parameter with a generator seeded by (seed, name),
-        so sharding never changes the initialization."""
+        `generator`: heads by `init_head_parameter`, the rest by the model's
+        `init_backbone_parameter`. Strategies call it per parameter with a generator seeded by
+        (seed, name), so sharding never changes the initialization."""
+        if name.startswith(HEADS):
+            self.init_head_parameter(name, tensor, generator=generator)
+        else:
+            self.init_backbone_parameter(name, tensor, generator=generator)
+
+    def init_backbone_parameter(self, name: str, tensor: torch.Tensor, *,
+                                generator: torch.Generator | None = None) -> None:
+        """The model's own rule for a parameter outside `heads`."""
         raise NotImplementedError
 
     @torch.no_grad()

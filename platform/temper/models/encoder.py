@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from temper.models.base import HEADS, TaskModel, check_seq_len
-from temper.models.gpt import Block, init_gpt2
+from temper.models.base import TaskModel, check_seq_len
+from temper.models.gpt import Block, TransformerCounts, init_gpt2
 from temper.spec.models import EncoderSpec
 
 
@@ -37,7 +37,7 @@ class MLMHead(nn.Module):
         return self.decoder(self.norm(self.act(self.dense(x))))
 
 
-class Encoder(TaskModel):
+class Encoder(TransformerCounts, TaskModel):
     """forward(tokens [B, T], head="mlm") -> logits [B, T, vocab_size];
     head="classify" -> [B, num_classes] from the mean (or [CLS]) final state."""
 
@@ -62,17 +62,11 @@ class Encoder(TaskModel):
         self.heads = nn.ModuleDict(heads)
         self.init_weights()
 
-    @torch.no_grad()
-    def init_parameter(
+    def init_backbone_parameter(
         self, name: str, tensor: torch.Tensor, *, generator: torch.Generator | None = None
     ) -> None:
-        """Heads by TaskModel's rule; elsewhere N(0, 0.02) (residual projections scaled by
-        1/sqrt(2 n_layer), as GPT-2), LayerNorm (1, 0), biases 0. Called per parameter with a
-        generator seeded by (seed, name) by the strategies, so sharding never changes it."""
-        if name.startswith(HEADS):
-            self.init_head_parameter(name, tensor, generator=generator)
-        else:
-            init_gpt2(name, tensor, n_layer=self.spec.n_layer, generator=generator)
+        """The GPT-2 scheme (init_gpt2), the [CLS] token included."""
+        init_gpt2(name, tensor, n_layer=self.spec.n_layer, generator=generator)
 
     def forward(self, tokens: torch.Tensor, head: str = "mlm") -> torch.Tensor:
         x = self.ln_f(self.features(tokens))
@@ -95,17 +89,3 @@ class Encoder(TaskModel):
         for block in self.blocks:
             x = block(x)
         return x
-
-    def num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count (the tied weight once); non_embedding drops the position embedding."""
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.pos_emb.weight.numel() if non_embedding else n
-
-    def flops_per_token(self) -> int:
-        """Training FLOPs per token: 6N + 12 * L * d * T (as GPT; attention is full, not causal,
-        but the estimate counts the same matmuls)."""
-        s = self.spec
-        return 6 * self.num_params() + 12 * s.n_layer * s.d_model * s.seq_len
-
-    def train_flops_per_sample(self) -> int:
-        return self.flops_per_token() * self.spec.seq_len

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from temper.models.base import HEADS, TaskModel, check_seq_len
+from temper.models.base import TaskModel, check_seq_len
 from temper.spec.models import GPTSpec
 
 
@@ -32,6 +32,30 @@ def init_gpt2(name: str, tensor: torch.Tensor, *, n_layer: int, generator: torch
         if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
             std = 0.02 / math.sqrt(2 * n_layer)
         tensor.normal_(mean=0.0, std=std, generator=generator)
+
+
+class TransformerCounts:
+    """Parameter and FLOP counts shared by the GPT and the encoder (reads tok/pos embeddings
+    and spec.n_layer, d_model, seq_len)."""
+
+    spec: GPTSpec
+    pos_emb: nn.Embedding
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count (tied weights once); non_embedding drops the position embedding."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.pos_emb.weight.numel() if non_embedding else n
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token (PaLM / nanoGPT estimate_mfu): 6N + 12 * L * d * T. The
+        encoder's attention is full rather than causal; the estimate counts the same matmuls."""
+        s = self.spec
+        return 6 * self.num_params() + 12 * s.n_layer * s.d_model * s.seq_len
+
+    def train_flops_per_sample(self) -> int:
+        """Training FLOPs (forward + backward) for one sequence of seq_len tokens."""
+        return self.flops_per_token() * self.spec.seq_len
+
 
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention via `scaled_dot_product_attention`: causal by default,
@@ -93,7 +117,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
-class GPT(TaskModel):
+class GPT(TransformerCounts, TaskModel):
     """Decoder-only transformer. forward(tokens [B, T], head="lm") -> logits [B, T, vocab_size];
     head="classify" (objective classify) -> [B, num_classes] from the last token's state.
     The LM head is part of the backbone (tied to the token embedding by default)."""
@@ -117,19 +141,11 @@ class GPT(TaskModel):
         )
         self.init_weights()
 
-    @torch.no_grad()
-    def init_parameter(
+    def init_backbone_parameter(
         self, name: str, tensor: torch.Tensor, *, generator: torch.Generator | None = None
     ) -> None:
-        """Fill `tensor` (the full, unsharded shape of parameter `name`) by the GPT-2 scheme:
-        N(0, 0.02) for embeddings and matrices, N(0, 0.02 / sqrt(2 n_layer)) for the residual
-        projections, ones for LayerNorm weights, zeros for biases. Strategies call this per
-        parameter with a generator seeded by (seed, name), so sharding never changes the init.
-        """
-        if name.startswith(HEADS):
-            self.init_head_parameter(name, tensor, generator=generator)
-        else:
-            init_gpt2(name, tensor, n_layer=self.spec.n_layer, generator=generator)
+        """The GPT-2 scheme (init_gpt2)."""
+        init_gpt2(name, tensor, n_layer=self.spec.n_layer, generator=generator)
 
     def forward(self, tokens: torch.Tensor, head: str = "lm") -> torch.Tensor:
         x = self.ln_f(self.features(tokens))
@@ -145,19 +161,3 @@ class GPT(TaskModel):
         for block in self.blocks:
             x = block(x)
         return x
-
-    def num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count (tied weights once); non_embedding drops the position embedding."""
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= self.pos_emb.weight.numel()
-        return n
-
-    def flops_per_token(self) -> int:
-        """Training FLOPs per token (PaLM / nanoGPT estimate_mfu): 6N + 12 * L * d * T."""
-        s = self.spec
-        return 6 * self.num_params() + 12 * s.n_layer * s.d_model * s.seq_len
-
-    def train_flops_per_sample(self) -> int:
-        """Training FLOPs (forward + backward) for one sequence of seq_len tokens."""
-        return self.flops_per_token() * self.spec.seq_len

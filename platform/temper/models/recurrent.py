@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from temper.errors import TemperError
-from temper.models.base import HEADS, TaskModel, check_seq_len
+from temper.models.base import TaskModel, check_seq_len
 from temper.spec.models import RecurrentSpec
 
 RNNS: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU}
@@ -45,15 +45,12 @@ class Recurrent(TaskModel):
     def rnn(self) -> nn.RNNBase:
         return self.blocks[0]
 
-    @torch.no_grad()
-    def init_parameter(
+    def init_backbone_parameter(
         self, name: str, tensor: torch.Tensor, *, generator: torch.Generator | None = None
     ) -> None:
         """PyTorch's defaults, made deterministic per name: embedding N(0, 1), every RNN weight
-        and bias U(-1/sqrt(hidden_size), 1/sqrt(hidden_size)); heads by TaskModel's rule."""
-        if name.startswith(HEADS):
-            self.init_head_parameter(name, tensor, generator=generator)
-        elif name.startswith("tok_emb."):
+        and bias U(-1/sqrt(hidden_size), 1/sqrt(hidden_size))."""
+        if name.startswith("tok_emb."):
             tensor.normal_(0.0, 1.0, generator=generator)
         else:
             bound = 1.0 / math.sqrt(self.spec.hidden_size)

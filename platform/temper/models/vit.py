@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from temper.models.base import HEADS, TaskModel, mlp_head
+from temper.models.base import TaskModel, mlp_head
 from temper.spec.models import ViTSpec
 
 
@@ -116,16 +116,11 @@ class ViT(TaskModel):
         self.heads = nn.ModuleDict(heads)
         self.init_weights()
 
-    @torch.no_grad()
-    def init_parameter(
+    def init_backbone_parameter(
         self, name: str, tensor: torch.Tensor, *, generator: torch.Generator | None = None
     ) -> None:
-        """Fill `tensor` (the full shape of parameter `name`): heads by the heads' rule; else
-        LayerNorm (1, 0), biases 0, and N(0, 0.02) for the patch embedding, [CLS], position
+        """LayerNorm (1, 0), biases 0, and N(0, 0.02) for the patch embedding, [CLS], position
         embedding and every Linear weight. Deterministic from `generator`."""
-        if name.startswith(HEADS):
-            self.init_head_parameter(name, tensor, generator=generator)
-            return
         owner_name, _, attr = name.rpartition(".")
         owner = self.get_submodule(owner_name) if owner_name else self
         if isinstance(owner, nn.LayerNorm):

@@ -16,6 +16,12 @@ import torch
 from torch import nn
 
 
+def fit_tokens(tokens: torch.Tensor, seq_len: int | None) -> torch.Tensor:
+    """A token batch [B, L] cut to the model's seq_len when longer (shards packed for causal
+    LM hold seq_len + 1 tokens per sample)."""
+    return tokens[:, :seq_len] if seq_len is not None and tokens.shape[1] > seq_len else tokens
+
+
 @dataclass
 class ObjectiveOutput:
     """One micro-batch's result.

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from temper.objectives.base import EvalReport, Objective, ObjectiveOutput
+from temper.objectives.base import EvalReport, Objective, ObjectiveOutput, fit_tokens
 
 
 class Classify(Objective):
@@ -24,10 +24,7 @@ class Classify(Objective):
         self.seq_len = seq_len
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        x = batch[self.input_field]
-        if self.seq_len is not None and x.shape[1] > self.seq_len:
-            x = x[:, : self.seq_len]
-        return model(x, head="classify")
+        return model(fit_tokens(batch[self.input_field], self.seq_len), head="classify")
 
     def loss(self, out: torch.Tensor, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
         labels = batch["label"]

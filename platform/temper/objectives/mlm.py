@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from temper.objectives.base import Objective, ObjectiveOutput
+from temper.objectives.base import Objective, ObjectiveOutput, fit_tokens
 
 MASK_SHARE, RANDOM_SHARE = 0.8, 0.1  # of the chosen positions; the rest stay unchanged
 
@@ -58,18 +58,12 @@ class MLM(Objective):
         inputs = torch.where(randomized, random.to(tokens.dtype), inputs)
         return Masked(inputs=inputs, chosen=chosen, masked=masked, randomized=randomized)
 
-    def _tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        tokens = batch["tokens"]
-        if self.seq_len is not None and tokens.shape[1] > self.seq_len:
-            tokens = tokens[:, : self.seq_len]
-        return tokens
-
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        m = self.corrupt(self._tokens(batch))
+        m = self.corrupt(fit_tokens(batch["tokens"], self.seq_len))
         return {"logits": model(m.inputs, head="mlm"), "chosen": m.chosen}
 
     def loss(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
-        targets = self._tokens(batch)
+        targets = fit_tokens(batch["tokens"], self.seq_len)
         chosen = out["chosen"]
         logits = out["logits"][chosen].float()  # [N_chosen, V]
         labels = targets[chosen]

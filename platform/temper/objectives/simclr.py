@@ -43,15 +43,17 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+# torch 2.13 marks the public autograd all_gather deprecated in favour of a private API; the
+# public one is kept and that one warning silenced (once, not around every training step).
+warnings.filterwarnings("ignore", message=".*all_gather is deprecated", category=FutureWarning)
+
+
 def _all_gather(z: torch.Tensor) -> torch.Tensor:
     """Every rank's z, concatenated in rank order; backward sums each rank's gradient share
-    back to the rank that computed it. (torch 2.13 marks this public autograd all_gather
-    deprecated in favour of a private API; the public one is kept, its warning silenced.)"""
+    back to the rank that computed it."""
     from torch.distributed.nn.functional import all_gather
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*all_gather is deprecated", category=FutureWarning)
-        return torch.cat(all_gather(z))
+    return torch.cat(all_gather(z))
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, *, temperature: float,
