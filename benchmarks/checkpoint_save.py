@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from temper.checkpoint import Checkpointer
+from temper.dist import DistContext
 from temper.models import build_model
 from temper.objectives import build_objective
-from temper.runtime.context import DistContext
 from temper.runtime.optim import build_optimizer
 from temper.spec import load_spec
 from temper.strategies import build_strategy

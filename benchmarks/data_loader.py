@@ -57,7 +57,7 @@ from temper.data import io as dio  # noqa: E402
 from temper.data.pack import pack  # noqa: E402
 from temper.data.shards import resolve_shards  # noqa: E402
 from temper.data.webdataset import ShardedData, build_webdataset_data  # noqa: E402
-from temper.spec.models import JobSpec  # noqa: E402
+from temper.spec.job import JobSpec  # noqa: E402
 
 BATCH = 64
 SHUFFLE = 1000

@@ -25,7 +25,7 @@ RESNET50 = ["model.kind=resnet", "model.flavor=resnet50", "model.image_size=224"
 def _run(sets: list[str], steps: int) -> dict[str, float]:
     import torch
 
-    from temper.runtime.context import build_dist_context
+    from temper.dist import build_dist_context
     from temper.runtime.loop import train
     from temper.spec import validate_spec
 

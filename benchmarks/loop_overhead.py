@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from temper.data import build_data
+from temper.dist import build_dist_context
 from temper.models import build_model
 from temper.objectives import build_objective
-from temper.runtime.context import build_dist_context
 from temper.runtime.loop import train
 from temper.runtime.optim import build_optimizer, build_scheduler
 from temper.runtime.report import Reporter

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
-from temper.runtime.context import free_port
+from temper.dist import free_port
 
 
 def _rank_main(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple) -> None:

@@ -174,7 +174,7 @@ def _zero2(root: Path, *, ctx) -> dict:
 
 
 def _two_ranks(root: str, one_process_ckpt: str) -> dict:
-    from temper.runtime.context import build_dist_context
+    from temper.dist import build_dist_context
 
     torch.manual_seed(0)
     ctx = build_dist_context(device="cpu")
@@ -195,7 +195,7 @@ def _two_ranks(root: str, one_process_ckpt: str) -> dict:
 
 def _fsdp_into_one_rank_ddp(run_dir: str) -> dict:
     from temper.checkpoint import Checkpointer
-    from temper.runtime.context import build_dist_context
+    from temper.dist import build_dist_context
 
     ctx = build_dist_context(device="cpu")
     try:
@@ -213,7 +213,7 @@ def _fsdp_into_one_rank_ddp(run_dir: str) -> dict:
 def _one_process_checkpoint(run_dir: Path) -> dict:
     """Written here, in the test process without a process group (DDP at world size 1)."""
     from temper.checkpoint import Checkpointer
-    from temper.runtime.context import DistContext
+    from temper.dist import DistContext
 
     ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
     spec, strategy = _build([], ctx=ctx, workers=1)

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.distributed
 
 def _count_allreduces(accum: int) -> tuple[int, int]:
     """Run one optimizer step of `accum` micro-steps; count DDP's bucket all-reduces."""
-    from temper.runtime.context import build_dist_context
+    from temper.dist import build_dist_context
     from temper.strategies.ddp import DDPStrategy
 
     ctx = build_dist_context(device="cpu")
@@ -54,7 +54,7 @@ def test_ddp_syncs_only_on_the_final_micro_step() -> None:
 
 
 def _train(spec_json: str) -> list[tuple[int, float]]:
-    from temper.runtime.context import build_dist_context
+    from temper.dist import build_dist_context
     from temper.runtime.loop import train
     from temper.spec import spec_from_json
 

@@ -48,7 +48,7 @@ class _StopAt:
 
 def _train_segments(jobs: list[tuple[str, str, str, list[int | None]]]) -> dict:
     """On each rank: for every (name, spec, stops) train in segments on one checkpoint folder."""
-    from temper.runtime.context import build_dist_context
+    from temper.dist import build_dist_context
     from temper.runtime.loop import train
     from temper.spec.loader import spec_from_json
 
@@ -126,7 +126,7 @@ def test_resume_two_ranks_on_one(two_rank_runs, tmp_path) -> None:
 
 def _nan_cases(folder: str) -> dict:
     from temper.checkpoint import find_latest
-    from temper.runtime.context import build_dist_context
+    from temper.dist import build_dist_context
     from temper.runtime.loop import train
     from temper.spec.loader import spec_from_json
 

@@ -35,8 +35,8 @@ def _reference() -> tuple[float, float, torch.Tensor]:
 def _rank_loss() -> tuple[float, float, torch.Tensor]:
     """This rank's loss, acc and gradient of the SUM of all ranks' losses w.r.t. its own
     projections (what the autograd-aware gather sends back), [2B, D]."""
+    from temper.dist import build_dist_context
     from temper.objectives.simclr import SimCLR
-    from temper.runtime.context import build_dist_context
 
     ctx = build_dist_context(device="cpu")
     z1, z2 = _global_batch()

@@ -54,7 +54,7 @@ def _spec(workers: int, micro: int, accum: int, extra: list[str]) -> str:
 
 def _run_all(train_specs: dict[str, str], memory_specs: dict[str, str]) -> dict:
     """On each rank: train every spec, then measure every memory spec, in one process group."""
-    from temper.runtime.context import build_dist_context
+    from temper.dist import build_dist_context
     from temper.runtime.loop import train
     from temper.spec import spec_from_json
     from temper.strategies.probe import measure_strategy_memory

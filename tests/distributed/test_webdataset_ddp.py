@@ -17,7 +17,7 @@ SIZES = [29, 3, 17, 41, 8]  # 98 samples: 2 ranks x 4 per batch leaves a remaind
 
 
 def _train(spec_json: str) -> dict:
-    from temper.runtime.context import build_dist_context
+    from temper.dist import build_dist_context
     from temper.runtime.loop import train
     from temper.spec import spec_from_json
 

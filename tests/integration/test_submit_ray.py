@@ -65,7 +65,7 @@ def tiny(mlflow_server, experiment: str, *extra: str) -> list[str]:
 
 
 def test_unreachable_or_wrong_address_is_one_line(tmp_path, mlflow_server, client) -> None:
-    from temper.runtime.context import free_port
+    from temper.dist import free_port
 
     nobody = f"http://127.0.0.1:{free_port()}"
     line = one_error_line(temper("submit", *tiny(mlflow_server, "submit-unreachable"), "--to", nobody, cwd=tmp_path))

@@ -24,9 +24,9 @@ from temper.checkpoint import (
     find_latest,
     read_checkpoint,
 )
+from temper.dist import DistContext
 from temper.errors import TemperError
 from temper.models import build_model
-from temper.runtime.context import DistContext
 from temper.runtime.optim import build_optimizer
 from temper.spec import load_spec
 from temper.strategies import build_strategy

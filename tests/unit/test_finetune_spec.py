@@ -11,10 +11,10 @@ from safetensors.torch import save_file
 from temper.checkpoint.pretrained import compare, open_weights
 from temper.errors import SpecError, TemperError
 from temper.models import build_model
+from temper.models.init import apply_deterministic_init
 from temper.spec import load_spec
-from temper.spec.models import ClassifySpec, JobSpec, ResNetSpec, SimCLRSpec
+from temper.spec.job import ClassifySpec, JobSpec, ResNetSpec, SimCLRSpec
 from temper.spec.pipeline import load_pipeline
-from temper.strategies.init import apply_deterministic_init
 
 
 def job(**extra) -> JobSpec:

@@ -15,7 +15,7 @@ import pytest
 import typer
 import webdataset as wds
 
-from temper.cli_data import data_app
+from temper.cli.data import data_app
 from temper.data.inspection import inspect_lines
 from temper.data.manifest import MANIFEST_NAME, Manifest, verify
 from temper.data.pack import pack, parse_size

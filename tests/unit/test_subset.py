@@ -18,7 +18,7 @@ from temper.data import Note
 from temper.data.subset import kept_count
 from temper.data.webdataset import preflight
 from temper.errors import TemperError
-from temper.spec.models import JobSpec
+from temper.spec.job import JobSpec
 from tests.fixtures.shard_servers import write_shards
 from tests.unit.test_webdataset import _corrupt, ranks, take
 

@@ -16,9 +16,9 @@ from temper.data.pack import pack
 from temper.data.pack_sources import STDLIB_PACKAGES
 from temper.errors import TemperError
 from temper.models import Encoder, Recurrent, build_model
+from temper.models.init import apply_deterministic_init, materialize
 from temper.objectives import MLM, build_objective
-from temper.spec.models import ClassifySpec, EncoderSpec, GPTSpec, MLMSpec, RecurrentSpec
-from temper.strategies.init import apply_deterministic_init, materialize
+from temper.spec.job import ClassifySpec, EncoderSpec, GPTSpec, MLMSpec, RecurrentSpec
 
 ENC = EncoderSpec(vocab_size=40, seq_len=16, n_layer=2, n_head=2, d_model=16, num_classes=5)
 

@@ -14,12 +14,12 @@ from torch import nn
 
 from temper.data.augment import ViewParams, apply_view, draw_view, simclr_views
 from temper.models import MODEL_BUILDERS, build_model
+from temper.models.init import apply_deterministic_init, materialize
 from temper.models.vit import ViT, patchify, unpatchify
 from temper.objectives import MAE, OBJECTIVE_BUILDERS, SimCLR, build_objective
 from temper.objectives.mae import ReconstructionReport, reconstruction_rows
 from temper.objectives.simclr import nt_xent
-from temper.spec.models import ClassifySpec, MAESpec, SimCLRSpec, ViTSpec
-from temper.strategies.init import apply_deterministic_init, materialize
+from temper.spec.job import ClassifySpec, MAESpec, SimCLRSpec, ViTSpec
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -326,7 +326,7 @@ def test_apply_view_identity_flip_and_crop() -> None:
 def test_simclr_views_through_the_shard_loader(tmp_path) -> None:
     from temper.data.pack import pack
     from temper.data.webdataset import build_webdataset_data
-    from temper.spec.models import JobSpec
+    from temper.spec.job import JobSpec
 
     pack("digits", tmp_path / "digits", fmt="digits", shard_size=40, limit=80)
     spec = JobSpec.model_validate({

@@ -20,7 +20,7 @@ import pytest
 
 from temper.data.webdataset import ShardedData, build_webdataset_data, preflight
 from temper.errors import TemperError
-from temper.spec.models import JobSpec
+from temper.spec.job import JobSpec
 from tests.fixtures.shard_servers import HttpShardServer, write_shards
 
 SIZES = [37, 5, 61, 0, 23, 14]  # uneven, one empty: 140 samples

@@ -53,8 +53,8 @@ from temper.checkpoint.storage import (
     rank_file_name,
     step_dir_name,
 )
+from temper.dist import DistContext
 from temper.errors import TemperError
-from temper.runtime.context import DistContext
 from temper.strategies.base import Strategy
 
 log = logging.getLogger(__name__)

@@ -110,7 +110,7 @@ def _match_model(weights: dict[str, torch.Tensor], *, spec: dict, source: str) -
     from pydantic import TypeAdapter, ValidationError
 
     from temper.models import build_model
-    from temper.spec.models import ModelSpec
+    from temper.spec.job import ModelSpec
 
     try:
         model_spec = TypeAdapter(ModelSpec).validate_python(spec)

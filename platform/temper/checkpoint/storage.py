@@ -161,3 +161,9 @@ def fsync_dir(path: str) -> None:
         pass  # some filesystems refuse fsync on directories
     finally:
         os.close(fd)
+
+
+def storage_options(spec) -> dict | None:
+    """fsspec options for the job's checkpoint.dir (an S3-compatible endpoint, if set)."""
+    endpoint = spec.checkpoint.s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
+    return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else None

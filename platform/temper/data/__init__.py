@@ -16,7 +16,7 @@ from pathlib import Path
 from temper.data.base import DataBundle
 from temper.data.synthetic import build_synthetic_data
 from temper.errors import TemperError
-from temper.spec.models import JobSpec
+from temper.spec.job import JobSpec
 
 
 class Note(str):

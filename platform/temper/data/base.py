@@ -97,7 +97,7 @@ class DataBundle:
 
     def _loader(self, dataset: Dataset, batch_sampler: Iterable[list[int]]) -> DataLoader:
         # Its own generator: a DataLoader iterator otherwise draws its seed from the global
-        # torch RNG, which would shift dropout masks after a resume (see runtime/checkpointing).
+        # torch RNG, which would shift dropout masks after a resume (see checkpoint/keeper.py).
         return DataLoader(
             dataset, batch_sampler=batch_sampler, num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from temper.data.base import DataBundle, seeded_generator
 from temper.errors import TemperError
-from temper.spec.models import GPTSpec, JobSpec, ResNetSpec
+from temper.spec.job import GPTSpec, JobSpec, ResNetSpec
 
 MIN_SUCCESSORS, MAX_SUCCESSORS = 2, 4
 TEMPLATE_GRID = 4  # templates are random GRID x GRID patterns upsampled to image_size

@@ -32,7 +32,7 @@ from temper.data.stream import (
 )
 from temper.data.subset import Subset, check_subset_size
 from temper.errors import TemperError
-from temper.spec.models import MODEL_INPUTS, JobSpec, WebDatasetSpec
+from temper.spec.job import MODEL_INPUTS, JobSpec, WebDatasetSpec
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from temper.spec.models import JobSpec
+from temper.spec.job import JobSpec
 
 #: Seconds the workers get to stop at their next logging step after Ctrl-C, flushing their
 #: metrics, before the launcher kills them.

@@ -1,7 +1,7 @@
 """The driver: one job from spec to finished MLflow run.
 
     run_job(spec, launcher=...)
-      decide: a new run, or the run to resume (launch/resume.py)
+      decide: a new run, or the run to resume (checkpoint/resume.py)
       create the MLflow run (params, spec.yaml, tags), or reopen the resumed one
                                                         -> run_info for the workers
       launcher.launch(job)                              -> rank 0's result
@@ -20,8 +20,8 @@ from pathlib import Path
 from temper.console import console
 from temper.errors import JobFailedError, TemperError
 from temper.launch.base import Job, Launcher, LaunchResult
+from temper.spec.job import JobSpec
 from temper.spec.loader import spec_to_json
-from temper.spec.models import JobSpec
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +57,9 @@ def run_job(spec: JobSpec, *, launcher: Launcher, workdir: Path, resume: str | N
     """Run one job to the end and record it; re-raises KeyboardInterrupt after cleanup.
     `extra_tags` go on a new run (a pipeline's parent run id)."""
     launcher.check(spec)
+    from temper.checkpoint.resume import plan_resume
     from temper.data import Note, preflight_data, with_absolute_paths
     from temper.launch.init_from import plan_init_from
-    from temper.launch.resume import plan_resume
 
     spec = with_absolute_paths(spec, base=Path.cwd())
     for message in preflight_data(spec):
@@ -156,7 +156,7 @@ class _Tracking:
     @classmethod
     def begin(cls, spec: JobSpec, *, plan, launcher: Launcher, workdir: Path,
               extra_tags: dict[str, str] | None = None) -> _Tracking:
-        from temper.launch.resume import new_local_run_id
+        from temper.checkpoint.resume import new_local_run_id
 
         self = cls(spec, launcher=launcher, workdir=workdir)
         if not spec.tracking.enabled:
@@ -204,7 +204,7 @@ class _Tracking:
         try:
             tag_run(handle, {"temper.checkpoint_dir": self.checkpoint_dir})
             if self.checkpoint_dir.rstrip("/").rsplit("/", 1)[-1].startswith("pending-"):
-                from temper.launch.resume import write_run_marker
+                from temper.checkpoint.resume import write_run_marker
 
                 write_run_marker(self.checkpoint_dir, handle.run_id, spec=self.spec)  # for a resume
         except Exception as e:  # noqa: BLE001 - a tag is not worth failing the job for

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from temper.checkpoint.resume import looks_like_path
 from temper.console import console
 from temper.errors import TemperError
-from temper.launch.resume import looks_like_path
 from temper.tracking.registry import BetterRule
 
 if TYPE_CHECKING:

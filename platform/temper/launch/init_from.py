@@ -20,7 +20,7 @@ from pathlib import Path
 
 from temper.console import console
 from temper.errors import TemperError
-from temper.spec.models import JobSpec
+from temper.spec.job import JobSpec
 
 log = logging.getLogger(__name__)
 

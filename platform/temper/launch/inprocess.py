@@ -9,10 +9,10 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from temper.dist import free_port
 from temper.errors import TemperError
 from temper.launch.base import Job, Launcher, LaunchResult
-from temper.runtime.context import free_port
-from temper.spec.models import JobSpec
+from temper.spec.job import JobSpec
 
 
 @contextmanager

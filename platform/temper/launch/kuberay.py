@@ -30,7 +30,7 @@ from temper.console import console
 from temper.errors import MissingDependencyError, TemperError
 from temper.launch import kuberay_manifest as km
 from temper.launch.targets import JobStatus, Submission, open_submission_run
-from temper.spec.models import JobSpec
+from temper.spec.job import JobSpec
 
 log = logging.getLogger(__name__)
 

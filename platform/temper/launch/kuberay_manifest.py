@@ -21,8 +21,8 @@ from typing import Any
 
 from temper.errors import TemperError
 from temper.launch.targets import SPEC_FILE, entrypoint
+from temper.spec.job import JobSpec
 from temper.spec.loader import spec_to_yaml
-from temper.spec.models import JobSpec
 
 API_VERSION = "ray.io/v1"
 MANAGED_BY = "temper"

@@ -161,7 +161,7 @@ def format_table(pipeline: PipelineSpec, curves: dict[str, list[tuple[float, flo
 def _report(pipeline: PipelineSpec, result: PipelineResult, *, client) -> str:
     from mlflow.entities import Metric
 
-    from temper.tracking.figures import label_fraction_png
+    from temper.figures import label_fraction_png
 
     curves = summarize(pipeline, result.runs)
     if not curves:

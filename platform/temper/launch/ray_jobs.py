@@ -35,7 +35,7 @@ from temper.launch.targets import (
     entrypoint,
     open_submission_run,
 )
-from temper.spec.models import JobSpec
+from temper.spec.job import JobSpec
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 from temper.errors import TemperError
-from temper.spec.models import JobSpec
+from temper.spec.job import JobSpec
 
 #: File name of the resolved spec inside the job's working directory on the cluster.
 SPEC_FILE = "temper-job.yaml"

@@ -26,7 +26,7 @@ _NORMS = (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)
 
 def is_head(name: str) -> bool:
     """True for parameter/state names inside a task head (wrapper prefixes allowed)."""
-    from temper.strategies.init import clean_name
+    from temper.models.init import clean_name
 
     return clean_name(name).startswith(HEADS)
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from temper.models.base import TaskModel, check_seq_len
 from temper.models.gpt import Block, TransformerCounts, init_gpt2
-from temper.spec.models import EncoderSpec
+from temper.spec.job import EncoderSpec
 
 
 class MLMHead(nn.Module):

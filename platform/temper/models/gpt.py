@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from temper.models.base import TaskModel, check_seq_len
-from temper.spec.models import GPTSpec
+from temper.spec.job import GPTSpec
 
 
 @torch.no_grad()

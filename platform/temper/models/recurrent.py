@@ -17,7 +17,7 @@ from torch import nn
 
 from temper.errors import TemperError
 from temper.models.base import TaskModel, check_seq_len
-from temper.spec.models import RecurrentSpec
+from temper.spec.job import RecurrentSpec
 
 RNNS: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU}
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from temper.models.base import HEADS, TaskModel, mlp_head
-from temper.spec.models import ResNetSpec
+from temper.spec.job import ResNetSpec
 
 #: Images at most this many pixels wide get the CIFAR-style stem (3x3, stride 1, no pool).
 CIFAR_STEM_MAX_SIZE = 64

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from temper.models.base import TaskModel, mlp_head
-from temper.spec.models import ViTSpec
+from temper.spec.job import ViTSpec
 
 
 class SelfAttention(nn.Module):

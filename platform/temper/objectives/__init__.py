@@ -13,7 +13,7 @@ from temper.objectives.classify import Classify
 from temper.objectives.mae import MAE
 from temper.objectives.mlm import MLM
 from temper.objectives.simclr import SimCLR
-from temper.spec.models import MODEL_INPUTS
+from temper.spec.job import MODEL_INPUTS
 
 
 def _classify(spec: Any, model: Any) -> Classify:

@@ -60,7 +60,7 @@ class ConfusionReport(EvalReport):
         if not ctx.is_main:
             return {}
         matrix = total.round().long().reshape(k, k).cpu().tolist()
-        from temper.tracking.figures import confusion_matrix_png
+        from temper.figures import confusion_matrix_png
 
         return {"confusion_matrix.json": (json.dumps({"rows": "true label", "columns": "prediction",
                                                       "counts": matrix}) + "\n").encode(),

@@ -72,7 +72,7 @@ class ReconstructionReport(EvalReport):
     def finish(self, ctx) -> dict[str, bytes]:
         if not ctx.is_main or not self.count:
             return {}
-        from temper.tracking.figures import image_grid_png
+        from temper.figures import image_grid_png
 
         kept = {k: torch.cat(v) for k, v in self.kept.items()}
         rows = reconstruction_rows(**kept, norm_pix_loss=self.norm_pix_loss)

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from temper.console import ProgressDisplay
+from temper.dist import build_dist_context
 from temper.errors import TemperError
-from temper.runtime.context import build_dist_context
 from temper.runtime.loop import TrainResult, train
 from temper.runtime.report import Reporter
 from temper.spec.loader import spec_from_json

@@ -23,18 +23,18 @@ from dataclasses import dataclass, field
 
 import torch
 
+from temper.checkpoint.keeper import CheckpointKeeper
 from temper.data import build_data
+from temper.dist import DistContext
 from temper.models import build_model
 from temper.objectives import build_objective
 from temper.objectives.base import Objective
-from temper.runtime.checkpointing import CheckpointKeeper
-from temper.runtime.context import DistContext
 from temper.runtime.faults import Fault, fault_from_env
 from temper.runtime.optim import build_optimizer, build_scheduler
 from temper.runtime.perf import PerfMeter, peak_flops
 from temper.runtime.report import Reporter
 from temper.runtime.system import StepTimer, SystemSampler, node_name, rank_metrics
-from temper.spec.models import JobSpec
+from temper.spec.job import JobSpec
 from temper.strategies import Strategy, build_strategy
 from temper.tracking import build_tracker
 

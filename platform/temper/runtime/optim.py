@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from temper.spec.models import OptimSpec, ScheduleSpec
+from temper.spec.job import OptimSpec, ScheduleSpec
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

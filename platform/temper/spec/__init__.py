@@ -1,17 +1,6 @@
 """Job spec: models, YAML loading, overrides. Imports neither torch nor ray."""
 
-from temper.spec.loader import (
-    apply_overrides,
-    flatten,
-    load_spec,
-    spec_from_json,
-    spec_hash,
-    spec_to_dict,
-    spec_to_json,
-    spec_to_yaml,
-    validate_spec,
-)
-from temper.spec.models import (
+from temper.spec.job import (
     CausalLMSpec,
     ClassifySpec,
     DDPSpec,
@@ -32,6 +21,17 @@ from temper.spec.models import (
     TrackingSpec,
     TrainSpec,
     ViTSpec,
+)
+from temper.spec.loader import (
+    apply_overrides,
+    flatten,
+    load_spec,
+    spec_from_json,
+    spec_hash,
+    spec_to_dict,
+    spec_to_json,
+    spec_to_yaml,
+    validate_spec,
 )
 
 __all__ = [

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from temper.spec.base import _Spec
+from temper.spec.base import BaseSpec
 
 
 def _fill_flavor(data: Any, presets: dict[str, dict[str, Any]]) -> Any:
@@ -38,7 +38,7 @@ GPT_FLAVORS: dict[str, dict[str, Any]] = {
 }
 
 
-class GPTSpec(_Spec):
+class GPTSpec(BaseSpec):
     """GPT-style decoder (pre-norm, causal self-attention, GELU MLP): causal LM, or sequence
     classification from the last token's hidden state."""
 
@@ -74,7 +74,7 @@ ENCODER_FLAVORS: dict[str, dict[str, Any]] = {
 }
 
 
-class EncoderSpec(_Spec):
+class EncoderSpec(BaseSpec):
     """BERT-style bidirectional encoder (pre-norm blocks, no causal mask): masked LM, or
     sequence classification from the mean (or a learned [CLS]) hidden state."""
 
@@ -120,7 +120,7 @@ VIT_FLAVORS: dict[str, dict[str, Any]] = {
 }
 
 
-class ViTSpec(_Spec):
+class ViTSpec(BaseSpec):
     """Vision Transformer (pre-norm blocks over patch tokens): classify, MAE or SimCLR."""
 
     kind: Literal["vit"] = "vit"
@@ -161,7 +161,7 @@ RESNET_FLAVORS: dict[str, dict[str, Any]] = {
 }
 
 
-class ResNetSpec(_Spec):
+class ResNetSpec(BaseSpec):
     """ResNet (CNN): image classification, or SimCLR pretraining."""
 
     kind: Literal["resnet"] = "resnet"
@@ -179,7 +179,7 @@ class ResNetSpec(_Spec):
         return _fill_flavor(data, RESNET_FLAVORS)
 
 
-class RecurrentSpec(_Spec):
+class RecurrentSpec(BaseSpec):
     """LSTM or GRU over token embeddings: sequence classification from the last hidden state
     (both directions' when bidirectional)."""
 
@@ -207,13 +207,13 @@ MODEL_INPUTS: dict[str, str] = {
 # ------------------------------------------------------------------------- objectives
 
 
-class CausalLMSpec(_Spec):
+class CausalLMSpec(BaseSpec):
     """Next-token prediction (cross-entropy over the vocabulary)."""
 
     kind: Literal["causal_lm"] = "causal_lm"
 
 
-class ClassifySpec(_Spec):
+class ClassifySpec(BaseSpec):
     """Supervised classification of images or token sequences (cross-entropy; reports
     accuracy; evaluation logs a confusion matrix)."""
 
@@ -221,7 +221,7 @@ class ClassifySpec(_Spec):
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
 
 
-class MLMSpec(_Spec):
+class MLMSpec(BaseSpec):
     """Masked LM (BERT): mask_prob of the tokens are chosen; of those 80% become [MASK], 10% a
     random token, 10% stay; the loss is cross-entropy on the chosen positions only."""
 
@@ -229,7 +229,7 @@ class MLMSpec(_Spec):
     mask_prob: float = Field(default=0.15, gt=0.0, lt=1.0)
 
 
-class MAESpec(_Spec):
+class MAESpec(BaseSpec):
     """Masked autoencoder (He et al. 2021): the encoder sees a random (1 - mask_ratio) of the
     patches; a small decoder predicts the pixels of the masked ones (MSE on those only).
     Evaluation logs a grid: original, masked input, reconstruction."""
@@ -243,7 +243,7 @@ class MAESpec(_Spec):
     grid_images: int = Field(default=8, ge=0, description="Images in the logged reconstruction grid (0: none).")
 
 
-class SimCLRSpec(_Spec):
+class SimCLRSpec(BaseSpec):
     """SimCLR (Chen et al. 2020): two augmented views per image (`view1`, `view2`, made by a
     data.transform such as temper.data.augment:simclr_views), a projection MLP, and the
     NT-Xent loss with the negatives gathered from every data-parallel rank."""

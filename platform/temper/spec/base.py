@@ -5,5 +5,5 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 
 
-class _Spec(BaseModel):
+class BaseSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 import temper
-from temper.spec.base import _Spec
+from temper.spec.base import BaseSpec
 
 #: The runtime image (its recipe: helm/image/Dockerfile); the tag is the package version.
 DEFAULT_IMAGE = f"ghcr.io/temper-ml/temper:{temper.__version__}"
@@ -57,7 +57,7 @@ def _check_names(names: list[str], *, what: str) -> list[str]:
     return names
 
 
-class HeadSpec(_Spec):
+class HeadSpec(BaseSpec):
     """The Ray head pod: it runs the job's driver (`temper run`), not the training workers."""
 
     cpu: str = Field(default="1", description="CPU request and limit (Kubernetes quantity).")
@@ -66,7 +66,7 @@ class HeadSpec(_Spec):
     _quantities = field_validator("cpu", "memory", mode="before")(_quantity)
 
 
-class WorkerSpec(_Spec):
+class WorkerSpec(BaseSpec):
     """Each Ray worker pod (one Temper worker each by default)."""
 
     cpu: str | None = Field(
@@ -80,7 +80,7 @@ class WorkerSpec(_Spec):
     _quantities = field_validator("cpu", "memory", mode="before")(_quantity)
 
 
-class TolerationSpec(_Spec):
+class TolerationSpec(BaseSpec):
     """A Kubernetes toleration, set on every pod of the job."""
 
     key: str | None = Field(default=None, description="Taint key; null with operator Exists: every taint.")
@@ -107,7 +107,7 @@ class TolerationSpec(_Spec):
         return self
 
 
-class ClusterSpec(_Spec):
+class ClusterSpec(BaseSpec):
     """Kubernetes (KubeRay RayJob) settings for `temper submit --to k8s`; ignored elsewhere."""
 
     image: str = Field(default=DEFAULT_IMAGE, min_length=1,

@@ -8,13 +8,13 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from temper.spec.base import _Spec
+from temper.spec.base import BaseSpec
 
 _MODEL_URI = re.compile(r"^models:/[^/@]+(/\d+|@[\w-]+)$")
 _RUN_URI = re.compile(r"^runs:/[0-9A-Za-z-]+/?$")
 
 
-class InitFromSpec(_Spec):
+class InitFromSpec(BaseSpec):
     """Weights to start from: backbone (and any head of the same name and shape) loaded,
     the task head new. Loaded, new and ignored keys are reported and logged to MLflow."""
 
@@ -51,7 +51,7 @@ class InitFromSpec(_Spec):
         return "checkpoint"
 
 
-class SubsetSpec(_Spec):
+class SubsetSpec(BaseSpec):
     """Train on a seeded random fraction of the training samples, the same ones run after run
     (label-fraction studies). Evaluation always uses the whole eval split."""
 

@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from temper.errors import SpecError
-from temper.spec.models import JobSpec
+from temper.spec.job import JobSpec
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -20,12 +20,12 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from temper.spec.base import _Spec
+from temper.spec.base import BaseSpec
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 
-class StageSpec(_Spec):
+class StageSpec(BaseSpec):
     """One job of the pipeline, run once or once per sweep combination."""
 
     name: str = Field(pattern=_NAME, max_length=60, description="Unique within the pipeline.")
@@ -45,7 +45,7 @@ class StageSpec(_Spec):
         return [dict(zip(keys, values, strict=True)) for values in itertools.product(*self.sweep.values())]
 
 
-class ReportSpec(_Spec):
+class ReportSpec(BaseSpec):
     """The parent run's summary: `metric` of every run against the swept setting `x`, per
     stage, mean and standard deviation over the other swept settings (seeds)."""
 
@@ -53,7 +53,7 @@ class ReportSpec(_Spec):
     metric: str = Field(default="val/acc", description="A metric the runs log (its last value).")
 
 
-class PipelineSpec(_Spec):
+class PipelineSpec(BaseSpec):
     name: str = Field(pattern=_NAME, max_length=60)
     experiment: str | None = Field(default=None, description="MLflow experiment of all runs (default: the name).")
     set: dict[str, Any] = Field(default_factory=dict, description="Overrides applied to every stage.")

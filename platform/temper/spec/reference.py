@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from temper.spec.models import JobSpec
+from temper.spec.job import JobSpec
 
 BEGIN = "<!-- BEGIN GENERATED: temper schema --markdown -->"
 END = "<!-- END GENERATED -->"

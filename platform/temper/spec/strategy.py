@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from temper.spec.base import _Spec
+from temper.spec.base import BaseSpec
 
 STRATEGY_PRESETS: dict[str, dict[str, Any]] = {
     "ddp": {"kind": "ddp"},
@@ -54,7 +54,7 @@ def expand_strategy_preset(value: Any) -> Any:
 _OFFLOAD_KEYS = ("cpu_offload", "offload_optimizer", "offload_params")
 
 
-class DDPSpec(_Spec):
+class DDPSpec(BaseSpec):
     """PyTorch DistributedDataParallel: replicated model, all-reduced gradients."""
 
     kind: Literal["ddp"] = "ddp"
@@ -81,7 +81,7 @@ class DDPSpec(_Spec):
         return data
 
 
-class FSDPSpec(_Spec):
+class FSDPSpec(BaseSpec):
     """PyTorch FSDP2 (`fully_shard` per block and root): params, grads and optimizer state sharded."""
 
     kind: Literal["fsdp"] = "fsdp"
@@ -104,7 +104,7 @@ class FSDPSpec(_Spec):
     compile: bool = Field(default=False, description="torch.compile each block.")
 
 
-class DeepSpeedSpec(_Spec):
+class DeepSpeedSpec(BaseSpec):
     """DeepSpeed ZeRO (stage 1: optimizer state sharded, 2: + gradients, 3: + parameters)."""
 
     kind: Literal["deepspeed"] = "deepspeed"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from temper.runtime.context import DistContext
-from temper.spec.models import JobSpec
+from temper.dist import DistContext
+from temper.spec.job import JobSpec
 from temper.strategies.base import Strategy
 from temper.strategies.ddp import DDPStrategy
 from temper.strategies.deepspeed import DeepSpeedStrategy

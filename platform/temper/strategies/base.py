@@ -28,7 +28,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from temper.runtime.context import DistContext
+from temper.dist import DistContext
 from temper.strategies.grad_norm import clip_grad_norm_global
 from temper.strategies.memory import MemoryReport, tensor_bytes
 
@@ -41,7 +41,7 @@ class Strategy(ABC):
 
     def __init__(self, *, ctx: DistContext, seed: int = 0) -> None:
         self.ctx = ctx
-        self.seed = seed  # parameters are initialized from (seed, name): see strategies/init.py
+        self.seed = seed  # parameters are initialized from (seed, name): see models/init.py
         self.pretrained = None  # init_from's weights (checkpoint.pretrained), used where they fit
         self.model: nn.Module | None = None  # the wrapped model (what forward goes through)
         self.optimizer: torch.optim.Optimizer | None = None

@@ -14,10 +14,10 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from temper.runtime.context import DistContext
-from temper.spec.models import DDPSpec, JobSpec
+from temper.dist import DistContext
+from temper.models.init import materialize
+from temper.spec.job import DDPSpec, JobSpec
 from temper.strategies.base import Strategy
-from temper.strategies.init import materialize
 from temper.strategies.parallelize import (
     apply_activation_checkpointing,
     apply_compile,

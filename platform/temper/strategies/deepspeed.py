@@ -16,12 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from temper.dist import DistContext
 from temper.errors import MissingDependencyError, TemperError
-from temper.runtime.context import DistContext
-from temper.spec.models import DeepSpeedSpec, JobSpec
+from temper.models.init import materialize
+from temper.spec.job import DeepSpeedSpec, JobSpec
 from temper.strategies.base import Strategy
 from temper.strategies.deepspeed_config import build_deepspeed_config
-from temper.strategies.init import materialize
 from temper.strategies.memory import MemoryReport, tensor_bytes
 from temper.strategies.parallelize import apply_activation_checkpointing
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from temper.spec.models import DeepSpeedSpec, JobSpec
+from temper.spec.job import DeepSpeedSpec, JobSpec
 
 
 def _ours(spec: DeepSpeedSpec, job: JobSpec) -> dict[str, Any]:

@@ -11,10 +11,10 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from temper.runtime.context import DistContext
-from temper.spec.models import FSDPSpec, JobSpec
+from temper.dist import DistContext
+from temper.models.init import materialize
+from temper.spec.job import FSDPSpec, JobSpec
 from temper.strategies.base import Strategy
-from temper.strategies.init import materialize
 from temper.strategies.parallelize import (
     apply_activation_checkpointing,
     apply_compile,

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from temper.dist import DistContext
 from temper.models.gpt import GPT
-from temper.runtime.context import DistContext
 
 
 def build_mesh(ctx: DistContext, *, tensor_parallel: int) -> DeviceMesh:

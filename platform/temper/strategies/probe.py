@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import torch
 
+from temper.dist import DistContext
 from temper.models import build_model
-from temper.runtime.context import DistContext
 from temper.runtime.optim import build_optimizer
-from temper.spec.models import JobSpec
+from temper.spec.job import JobSpec
 from temper.strategies import build_strategy
 from temper.strategies.memory import MemoryReport
 

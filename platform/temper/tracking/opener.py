@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from temper.spec.models import JobSpec
+from temper.spec.job import JobSpec
 from temper.tracking.runs import RunHandle, TrackingUnreachable, continue_run, start_run
 
 log = logging.getLogger(__name__)

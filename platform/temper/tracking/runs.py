@@ -19,8 +19,8 @@ from typing import Any
 
 import temper
 from temper.errors import TemperError
+from temper.spec.job import JobSpec
 from temper.spec.loader import flatten, spec_hash, spec_to_dict, spec_to_yaml
-from temper.spec.models import JobSpec
 from temper.tracking.backend import MlflowBackend, is_http_uri, is_rejection, short_reason
 
 log = logging.getLogger(__name__)

@@ -34,7 +34,7 @@ from temper.spec.architectures import (  # noqa: F401
     ViTSpec,
     objective_problems,
 )
-from temper.spec.base import _Spec
+from temper.spec.base import BaseSpec
 from temper.spec.cluster import ClusterSpec
 from temper.spec.finetune import InitFromSpec, SubsetSpec
 from temper.spec.strategy import (  # the strategy specs are re-exported from here
@@ -49,7 +49,7 @@ from temper.spec.strategy import (  # the strategy specs are re-exported from he
 # ------------------------------------------------------------------------------- data
 
 
-class SyntheticDataSpec(_Spec):
+class SyntheticDataSpec(BaseSpec):
     """Deterministic, seeded, learnable synthetic data shaped for the model.
 
     Token models get sequences from a seeded sparse Markov chain; image models get
@@ -63,7 +63,7 @@ class SyntheticDataSpec(_Spec):
     num_workers: int = Field(default=0, ge=0, description="DataLoader worker processes per rank.")
 
 
-class WebDatasetSpec(_Spec):
+class WebDatasetSpec(BaseSpec):
     """WebDataset tar shards (as written by `temper data pack`) streamed from a local folder,
     http(s):// or s3://, with a deterministic plan that gives every rank the same number of
     batches, a seeded shuffle, and a resumable position."""
@@ -118,7 +118,7 @@ DataSpec = Annotated[SyntheticDataSpec | WebDatasetSpec, Field(discriminator="ki
 # -------------------------------------------------------------------- optim and train
 
 
-class ScheduleSpec(_Spec):
+class ScheduleSpec(BaseSpec):
     """Learning-rate schedule: linear warmup, then constant, linear or cosine decay."""
 
     kind: Literal["constant", "linear", "cosine"] = Field(default="cosine", description="Decay after warmup.")
@@ -126,7 +126,7 @@ class ScheduleSpec(_Spec):
     min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0, description="Final lr / peak lr.")
 
 
-class OptimSpec(_Spec):
+class OptimSpec(BaseSpec):
     """Optimizer (AdamW or SGD), its learning rate, weight decay and gradient clipping."""
 
     kind: Literal["adamw", "sgd"] = Field(default="adamw", description="Optimizer.")
@@ -142,7 +142,7 @@ class OptimSpec(_Spec):
     schedule: ScheduleSpec = ScheduleSpec()
 
 
-class TrainSpec(_Spec):
+class TrainSpec(BaseSpec):
     """Steps, batch sizes, logging and evaluation cadence, precision and device."""
 
     max_steps: int = Field(default=100, ge=1, description="Optimizer steps to run.")
@@ -169,7 +169,7 @@ class TrainSpec(_Spec):
     )
 
 
-class ResourcesSpec(_Spec):
+class ResourcesSpec(BaseSpec):
     """How many workers, and what each one reserves."""
 
     workers: int = Field(default=1, ge=1, description="Training processes (ranks).")
@@ -183,7 +183,7 @@ class ResourcesSpec(_Spec):
     )
 
 
-class CheckpointSpec(_Spec):
+class CheckpointSpec(BaseSpec):
     """Sharded checkpoints: where, how often, how many; resume is automatic (see docs/checkpoints.md)."""
 
     enabled: bool = Field(default=True, description="false: never save or resume.")
@@ -202,7 +202,7 @@ class CheckpointSpec(_Spec):
     )
 
 
-class FaultSpec(_Spec):
+class FaultSpec(BaseSpec):
     """What happens when a worker dies or a collective hangs."""
 
     max_failures: int = Field(
@@ -215,7 +215,7 @@ class FaultSpec(_Spec):
     )
 
 
-class TrackingSpec(_Spec):
+class TrackingSpec(BaseSpec):
     """Where and how the job is recorded in MLflow (one run per job, rank 0 logs)."""
 
     enabled: bool = Field(default=True, description="false: no MLflow run at all.")
@@ -254,7 +254,7 @@ class TrackingSpec(_Spec):
         "Log CPU, memory and GPU use per node and each rank's step time (system/..., perf/...)."))
 
 
-class JobSpec(_Spec):
+class JobSpec(BaseSpec):
     """A training job: what to train, on what, how, where, and where it is recorded."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)

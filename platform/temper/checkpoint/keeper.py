@@ -13,7 +13,6 @@ position exactly; ranks that did not exist before start their RNGs from (seed, s
 from __future__ import annotations
 
 import logging
-import os
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -21,16 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from temper.runtime.context import DistContext
+from temper.checkpoint.storage import storage_options
+from temper.dist import DistContext
+from temper.spec.job import JobSpec
 from temper.spec.loader import spec_hash
-from temper.spec.models import JobSpec
 
 log = logging.getLogger(__name__)
-
-
-def storage_options(spec: JobSpec) -> dict[str, Any] | None:
-    endpoint = spec.checkpoint.s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
-    return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else None
 
 
 def rng_state() -> dict[str, Any]:

@@ -21,14 +21,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-from temper.cli_data import data_app  # noqa: E402 - sub-app registered right after `app`
+from temper.cli.data import data_app  # noqa: E402 - sub-app registered right after `app`
 
 app.add_typer(data_app, name="data")
-from temper.cli_runs import runs_app  # noqa: E402
+from temper.cli.runs import runs_app  # noqa: E402
 
 app.add_typer(runs_app, name="runs")
 
-from temper.cli_cluster import register as register_cluster_commands  # noqa: E402
+from temper.cli.cluster import register as register_cluster_commands  # noqa: E402
 
 register_cluster_commands(app)  # submit, status, logs, stop, list
 
@@ -173,7 +173,7 @@ def schema(
 
         typer.echo(render_reference(), nl=False)
         return
-    from temper.spec.models import JobSpec
+    from temper.spec.job import JobSpec
 
     typer.echo(json.dumps(JobSpec.model_json_schema(), indent=2))
 

@@ -20,9 +20,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from temper.checkpoint.storage import storage_options
 from temper.errors import TemperError
-from temper.runtime.checkpointing import storage_options
-from temper.spec.models import JobSpec
+from temper.spec.job import JobSpec
 
 
 @dataclass(frozen=True)
