@@ -49,6 +49,7 @@ class _StopAt:
 def _train_segments(jobs: list[tuple[str, str, str, list[int | None]]]) -> dict:
     """On each rank: for every (name, spec, stops) train in segments on one checkpoint folder."""
     from temper.dist import build_dist_context
+    from temper.run_info import RunInfo
     from temper.runtime.loop import train
     from temper.spec.loader import spec_from_json
 
@@ -57,7 +58,7 @@ def _train_segments(jobs: list[tuple[str, str, str, list[int | None]]]) -> dict:
     for name, spec_json, folder, stops in jobs:
         segments = []
         for stop in stops:
-            result = train(spec_from_json(spec_json), ctx, run_info={"run_id": None, "checkpoint_dir": folder},
+            result = train(spec_from_json(spec_json), ctx, run_info=RunInfo(checkpoint_dir=folder),
                            reporter=_StopAt(stop))
             segments.append((result.resumed_from, result.steps, result.loss_history))
         out[name] = segments
@@ -127,6 +128,7 @@ def test_resume_two_ranks_on_one(two_rank_runs, tmp_path) -> None:
 def _nan_cases(folder: str) -> dict:
     from temper.checkpoint import find_latest
     from temper.dist import build_dist_context
+    from temper.run_info import RunInfo
     from temper.runtime.loop import train
     from temper.spec.loader import spec_from_json
 
@@ -141,7 +143,7 @@ def _nan_cases(folder: str) -> dict:
         os.environ["TEMPER_FAULT"] = fault
         run_dir = f"{folder}/{name}"
         try:
-            result = train(spec_from_json(_spec_json(extra)), ctx, run_info={"run_id": None, "checkpoint_dir": run_dir})
+            result = train(spec_from_json(_spec_json(extra)), ctx, run_info=RunInfo(checkpoint_dir=run_dir))
             out[name] = ("ok", result.skipped_steps, result.loss_history)
         except FloatingPointError as e:
             out[name] = ("error", str(e), None)

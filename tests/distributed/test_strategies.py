@@ -57,7 +57,7 @@ def _run_all(train_specs: dict[str, str], memory_specs: dict[str, str]) -> dict:
     from temper.dist import build_dist_context
     from temper.runtime.loop import train
     from temper.spec import spec_from_json
-    from temper.strategies.probe import measure_strategy_memory
+    from temper.runtime.probe import measure_strategy_memory
 
     ctx = build_dist_context(device="cpu")
     out: dict = {"train": {}, "memory": {}}

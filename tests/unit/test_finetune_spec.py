@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from temper.checkpoint.pretrained import compare, open_weights
+from temper.checkpoint.weights import compare, open_weights
 from temper.errors import SpecError, TemperError
 from temper.models import build_model
 from temper.models.init import apply_deterministic_init

@@ -10,7 +10,7 @@ import pytest
 
 from temper.checkpoint.manifest import CheckpointManifest, CommittedCheckpoint
 from temper.errors import TemperError
-from temper.launch.export import lineage_tags
+from temper.launch.lifecycle import lineage_tags
 from temper.tracking.query import diff_lines, metric_table, spec_diff
 from temper.tracking.registry import (
     BetterRule,

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from temper.errors import TemperError
+from temper.run_info import RunInfo
 from temper.spec import flatten, load_spec, spec_hash, spec_to_dict, spec_to_yaml
 from temper.tracking import (
     MlflowTracker,
@@ -131,10 +132,10 @@ def test_outage_then_recovery_delivers_everything(mlflow_server, client, run_id)
 
 def test_build_tracker_only_rank0_of_a_tracked_job(mlflow_server) -> None:
     spec = load_spec(TINY_GPT)
-    info = {"run_id": "0" * 32, "tracking_uri": mlflow_server.uri}
+    info = RunInfo(run_id="0" * 32, tracking_uri=mlflow_server.uri)
     assert isinstance(build_tracker(info, rank=1, spec=spec), NoopTracker)
-    assert isinstance(build_tracker(None, rank=0, spec=spec), NoopTracker)
-    assert isinstance(build_tracker({"run_id": "x"}, rank=0, spec=spec), NoopTracker)
+    assert isinstance(build_tracker(RunInfo(), rank=0, spec=spec), NoopTracker)
+    assert isinstance(build_tracker(RunInfo(run_id="x"), rank=0, spec=spec), NoopTracker)
     disabled = load_spec(TINY_GPT, ["tracking.enabled=false"])
     assert isinstance(build_tracker(info, rank=0, spec=disabled), NoopTracker)
     tracker = build_tracker(info, rank=0, spec=spec)
@@ -165,7 +166,7 @@ def test_start_run_records_params_spec_and_tags(mlflow_server, client, tmp_path)
     assert handle.tracking_uri == mlflow_server.uri
     assert handle.ui_url == (f"{mlflow_server.uri}/#/experiments/{handle.experiment_id}"
                              f"/runs/{handle.run_id}")
-    assert handle.run_info() == {"run_id": handle.run_id, "tracking_uri": mlflow_server.uri}
+    assert handle.run_info() == RunInfo(run_id=handle.run_id, tracking_uri=mlflow_server.uri)
     run = client.get_run(handle.run_id)
     assert run.info.run_name == spec.name and run.info.status == "RUNNING"
     assert run.data.params == flatten(spec_to_dict(spec))

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from temper.checkpoint.catalog import find_latest, read_checkpoint
 from temper.checkpoint.checkpointer import Checkpointer
-from temper.checkpoint.export import export_checkpoint
 from temper.checkpoint.manifest import CheckpointManifest, CommittedCheckpoint, LoadedState
+from temper.checkpoint.weights import export_checkpoint
 
 __all__ = [
     "CheckpointManifest", "Checkpointer", "CommittedCheckpoint", "LoadedState",

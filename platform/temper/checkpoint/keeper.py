@@ -22,6 +22,7 @@ import torch
 
 from temper.checkpoint.storage import storage_options
 from temper.dist import DistContext
+from temper.run_info import RunInfo
 from temper.spec.job import JobSpec
 from temper.spec.loader import spec_hash
 
@@ -49,17 +50,43 @@ class Resumed:
     path: str
 
 
-class CheckpointKeeper:
-    """Owns the Checkpointer for one run; the loop calls `restore()` once, `save()` often."""
+def build_keeper(spec: JobSpec, *, ctx: DistContext, run_info: RunInfo) -> CheckpointKeeper | NoCheckpoints:
+    """The run's keeper; checkpointing needs the folder the launcher chose for this run
+    (tests may train without one)."""
+    if not spec.checkpoint.enabled or not run_info.checkpoint_dir:
+        return NoCheckpoints()
+    return CheckpointKeeper(spec=spec, ctx=ctx, run_info=run_info)
 
-    def __init__(self, *, spec: JobSpec, ctx: DistContext, run_info: dict | None) -> None:
+
+class NoCheckpoints:
+    """Checkpointing off: nothing to restore, never due, a stop saves nothing."""
+
+    def restore(self, **_: Any) -> Resumed | None:
+        return None
+
+    def due(self, step: int) -> bool:
+        return False
+
+    def save(self, **_: Any) -> float | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+class CheckpointKeeper:
+    """Owns the Checkpointer for one run and decides when to save: the loop calls
+    `restore()` once, asks `due(step)` once per step, and calls `save()` when it is due or
+    when the job stops early (Ctrl-C); `close()` commits an async save in flight."""
+
+    def __init__(self, *, spec: JobSpec, ctx: DistContext, run_info: RunInfo) -> None:
         from temper.checkpoint import Checkpointer
 
         self.spec, self.ctx = spec, ctx
-        self.run_id = (run_info or {}).get("run_id")
+        self.run_id = run_info.run_id
         self.hash = spec_hash(spec)
         self.checkpointer = Checkpointer(
-            run_dir=run_info["checkpoint_dir"], ctx=ctx, keep_last=spec.checkpoint.keep_last,
+            run_dir=run_info.checkpoint_dir, ctx=ctx, keep_last=spec.checkpoint.keep_last,
             async_save=spec.checkpoint.async_save, storage_options=storage_options(spec),
         )
 
@@ -82,7 +109,12 @@ class CheckpointKeeper:
             torch.manual_seed(self.spec.seed + 7919 * loaded.step + self.ctx.rank)
         return Resumed(step=loaded.step, path=ckpt.path)
 
-    def save(self, *, step: int, strategy, scheduler, data, tracker) -> float:
+    def due(self, step: int) -> bool:
+        """A save at this step: every checkpoint.every_steps, and at train.max_steps."""
+        every = self.spec.checkpoint.every_steps
+        return step == self.spec.train.max_steps or bool(every and step % every == 0)
+
+    def save(self, *, step: int, strategy, scheduler, data, tracker) -> float | None:
         """Save at `step` (every rank); returns the seconds training was blocked. Rank 0's
         metrics not yet delivered to MLflow ride along (a killed worker would lose them)."""
         rank_state = {"rng": rng_state(), "scheduler": scheduler.state_dict(), "metrics": tracker.unsent()}

@@ -133,7 +133,7 @@ def export(
     ] = None,
 ) -> None:
     """Write consolidated weights (model.safetensors) and the model config (config.json)."""
-    from temper.launch.export import RegisterOptions, export_command
+    from temper.launch.lifecycle import RegisterOptions, export_command
     from temper.tracking.registry import build_better_rule, check_alias
 
     better = build_better_rule(if_better, mode)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from temper.run_info import RunInfo
 from temper.spec.job import JobSpec
 
 #: Seconds the workers get to stop at their next logging step after Ctrl-C, flushing their
@@ -20,11 +21,12 @@ class Job:
 
     spec: JobSpec
     spec_json: str
-    run_info: dict[str, str] | None
+    run_info: RunInfo
     workdir: Path
 
     def payload(self) -> dict[str, Any]:
-        return {"spec_json": self.spec_json, "run_info": self.run_info}
+        """What every worker receives (plain data: JSON for torchrun, pickled for Ray)."""
+        return {"spec_json": self.spec_json, "run_info": self.run_info.to_dict()}
 
 
 @dataclass
@@ -46,7 +48,7 @@ class Launcher(ABC):
 
     def publish_run_id(self, run_id: str) -> None:
         """The driver created the MLflow run after the workers started (the server was down):
-        hand its id to rank 0. The driver also writes it to run_info["run_id_file"], which
+        hand its id to rank 0. The driver also writes it to `RunInfo.run_id_file`, which
         is enough for workers on this machine; launchers with remote workers override this."""
 
     def stop(self) -> None:

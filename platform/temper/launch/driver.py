@@ -20,6 +20,7 @@ from pathlib import Path
 from temper.console import console
 from temper.errors import JobFailedError, TemperError
 from temper.launch.base import Job, Launcher, LaunchResult
+from temper.run_info import RunInfo
 from temper.spec.job import JobSpec
 from temper.spec.loader import spec_to_json
 
@@ -59,7 +60,7 @@ def run_job(spec: JobSpec, *, launcher: Launcher, workdir: Path, resume: str | N
     launcher.check(spec)
     from temper.checkpoint.resume import plan_resume
     from temper.data import Note, preflight_data, with_absolute_paths
-    from temper.launch.init_from import plan_init_from
+    from temper.launch.lifecycle import plan_init_from
 
     spec = with_absolute_paths(spec, base=Path.cwd())
     for message in preflight_data(spec):
@@ -75,10 +76,10 @@ def run_job(spec: JobSpec, *, launcher: Launcher, workdir: Path, resume: str | N
     tracking = _Tracking.begin(spec, plan=plan, launcher=launcher, workdir=workdir, extra_tags=tags)
     run_info = tracking.run_info
     if init is not None:
-        run_info["init_from"] = init.location
+        run_info = run_info.with_(init_from=init.location)
     if spec.checkpoint.enabled:  # a resumed run keeps its folder; a new one is named by its run id
         folder = plan.run_dir(plan.run_id or tracking.folder_name)
-        run_info["checkpoint_dir"] = folder
+        run_info = run_info.with_(checkpoint_dir=folder)
         tracking.checkpoint_dir = folder
         if tracking.handle is not None and (plan.step is None or plan.mlflow_run_id is None):
             # a run's first start in this folder: say where it saves
@@ -90,7 +91,7 @@ def run_job(spec: JobSpec, *, launcher: Launcher, workdir: Path, resume: str | N
             result = launcher.launch(job)
         status = "FINISHED"
         if spec.tracking.register_model and tracking.handle is not None:
-            from temper.launch.export import register_run_model
+            from temper.launch.lifecycle import register_run_model
 
             register_run_model(spec, handle=tracking.handle, checkpoint_dir=tracking.checkpoint_dir)
     except KeyboardInterrupt as e:
@@ -115,7 +116,7 @@ def run_job(spec: JobSpec, *, launcher: Launcher, workdir: Path, resume: str | N
 def _data_tags(spec: JobSpec) -> dict[str, str]:
     if not spec.tracking.enabled:
         return {}
-    from temper.launch.export import data_manifest_tags
+    from temper.launch.lifecycle import data_manifest_tags
 
     return data_manifest_tags(spec.data.model_dump(mode="json"))
 
@@ -148,7 +149,7 @@ class _Tracking:
         self.spec, self.launcher, self.workdir = spec, launcher, workdir
         self.opener = None
         self.handle = None
-        self.run_info: dict = {"run_id": None}
+        self.run_info = RunInfo()
         self.folder_name: str = ""
         self.checkpoint_dir: str | None = None
         self._finished = False
@@ -174,12 +175,12 @@ class _Tracking:
         known = self.handle.run_id if self.handle else continue_id
         self.folder_name = known or f"pending-{new_local_run_id()[len('local-'):]}"
         spool = Path(spec.tracking.spool_dir or default_spool_root()) / self.folder_name
-        self.run_info = {"run_id": known, "tracking_uri": uri, "spool_dir": str(spool),
-                         "experiment": spec.tracking.experiment, "run_name": spec.name}
+        self.run_info = RunInfo(run_id=known, tracking_uri=uri, spool_dir=str(spool),
+                                experiment=spec.tracking.experiment, run_name=spec.name)
         if self.handle is not None:
             _announce(self.handle)
         else:
-            self.run_info["run_id_file"] = str(spool / "run-id")
+            self.run_info = self.run_info.with_(run_id_file=str(spool / "run-id"))
             console.print(f"[yellow]warning:[/yellow] MLflow at {uri} is unreachable; training starts anyway. "
                           f"The run is {'reopened' if continue_id else 'created'} when the server answers; "
                           f"until then rank 0 buffers metrics (overflow on disk in {spool}).")
@@ -187,10 +188,10 @@ class _Tracking:
 
     def _opened_late(self, handle) -> None:
         """From the opener's thread: the server answers; tell rank 0 the run id."""
-        Path(self.run_info["run_id_file"]).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(self.run_info["run_id_file"] + ".tmp")
+        Path(self.run_info.run_id_file).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(self.run_info.run_id_file + ".tmp")
         tmp.write_text(handle.run_id)
-        tmp.replace(self.run_info["run_id_file"])
+        tmp.replace(self.run_info.run_id_file)
         self.launcher.publish_run_id(handle.run_id)
         if self.checkpoint_dir is not None:
             self.tag_checkpoint_dir(handle)
@@ -224,7 +225,7 @@ class _Tracking:
             return handle
         from temper.tracking.spool import Spool
 
-        spool = Spool(self.run_info["spool_dir"], max_bytes=0)
+        spool = Spool(self.run_info.spool_dir, max_bytes=0)
         if spool.folder.is_dir():
             from temper.spec.loader import spec_to_yaml
 
@@ -232,7 +233,7 @@ class _Tracking:
             (spool.folder / "spec.yaml").write_text(spec_to_yaml(self.spec))
         reason = f" ({self.opener.error})" if self.opener.error else ""
         console.print(
-            f"[yellow]warning:[/yellow] no MLflow run was recorded: {self.run_info['tracking_uri']} stayed "
+            f"[yellow]warning:[/yellow] no MLflow run was recorded: {self.run_info.tracking_uri} stayed "
             f"unreachable for the whole job ({self.opener.unreachable_s:.0f} s){reason}. Its metrics are kept "
             f"in {spool.folder}; send them with: temper runs sync {spool.folder}", soft_wrap=True)
         return None

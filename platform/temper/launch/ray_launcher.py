@@ -137,7 +137,7 @@ class RayLauncher(Launcher):
                                          resources_per_worker=resources,
                                          placement_strategy=r.placement.upper()),
             run_config=RunConfig(
-                name=f"{job.spec.name}-{((job.run_info or {}).get('run_id') or 'norun')[:8]}",
+                name=f"{job.spec.name}-{(job.run_info.run_id or 'norun')[:8]}",
                 storage_path=storage,
                 # A failed worker restarts the whole group; it resumes from the last checkpoint.
                 failure_config=FailureConfig(max_failures=job.spec.fault.max_failures),
@@ -272,17 +272,17 @@ def _use_token_auth_if_available() -> None:
 
 def _tag_nodes(job: Job, nodes: dict[int, str]) -> None:
     """Record where each rank ran as the run tag `temper.nodes` ("0=IP/NODE_ID,1=...")."""
-    info = job.run_info or {}
-    if not nodes or not info.get("run_id") or not info.get("tracking_uri"):
+    info = job.run_info
+    if not nodes or not info.run_id or not info.tracking_uri:
         return
     from temper.tracking.runs import RunHandle, tag_run
 
     value = ",".join(f"{rank}={nodes[rank]}" for rank in sorted(nodes))
-    handle = RunHandle(run_id=info["run_id"], experiment_id="", tracking_uri=info["tracking_uri"], ui_url=None)
+    handle = RunHandle(run_id=info.run_id, experiment_id="", tracking_uri=info.tracking_uri, ui_url=None)
     try:
         tag_run(handle, {"temper.nodes": value})
     except Exception as e:  # noqa: BLE001 - a missing tag must not fail a finished job
-        log.warning("could not tag MLflow run %s with temper.nodes (%s)", info["run_id"], e)
+        log.warning("could not tag MLflow run %s with temper.nodes (%s)", info.run_id, e)
 
 
 def _ray_root_cause(error: Exception) -> str:

@@ -9,11 +9,17 @@ objective by name (`init_from:`): an MAE decoder or a SimCLR projection is simpl
 loaded by the classifier, and the classifier's head is new. Only the heads the objective
 uses are built, so DDP never sees an unused parameter.
 
+A model that supports tensor parallelism says how, as data (`tensor_parallel_plan`): for
+each module of its layer stack `blocks`, which Linear layers split column-wise and which
+row-wise. It holds no parallelism code; strategies/parallelize.py applies the plan.
+
 `freeze_backbone` (linear probing) turns off gradients for every parameter outside
 `heads.` and keeps the backbone's norm layers in eval mode whatever `model.train()` says.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -36,6 +42,9 @@ class TaskModel(nn.Module):
 
     heads: nn.ModuleDict
     backbone_frozen: bool = False
+    #: Tensor parallelism: {Linear layer inside each of `blocks`: "colwise" | "rowwise"};
+    #: None: the model has no plan (validation refuses strategy.tensor_parallel > 1).
+    tensor_parallel_plan: ClassVar[dict[str, Literal["colwise", "rowwise"]] | None] = None
 
     def init_weights(self) -> None:
         """(Re)initialize every parameter from the torch RNG, by `init_parameter`."""

@@ -1,10 +1,10 @@
 """GPT-style decoder (nanoGPT-like): pre-LayerNorm blocks, causal SDPA, GELU MLP.
 
 Pure single-device model: no parallelism code. Strategies shard it from the outside:
-FSDP wraps each entry of `GPT.blocks`; tensor parallelism targets the named Linear layers
-`attn.q`, `attn.k`, `attn.v` (column-wise), `attn.proj` (row-wise), `mlp.fc` (column-wise)
-and `mlp.proj` (row-wise). Attention infers the local head count from the projection
-width, so column-sharded q/k/v work unchanged.
+FSDP wraps each entry of `GPT.blocks`; tensor parallelism follows `GPT.tensor_parallel_plan`
+(Megatron-style: q/k/v and mlp.fc column-wise, attn.proj and mlp.proj row-wise, so each block
+does one all-reduce in attention and one in the MLP, forward and backward). Attention infers
+the local head count from the projection width, so column-sharded q/k/v work unchanged.
 """
 
 from __future__ import annotations
@@ -121,6 +121,11 @@ class GPT(TransformerCounts, TaskModel):
     """Decoder-only transformer. forward(tokens [B, T], head="lm") -> logits [B, T, vocab_size];
     head="classify" (objective classify) -> [B, num_classes] from the last token's state.
     The LM head is part of the backbone (tied to the token embedding by default)."""
+
+    tensor_parallel_plan = {
+        "attn.q": "colwise", "attn.k": "colwise", "attn.v": "colwise", "attn.proj": "rowwise",
+        "mlp.fc": "colwise", "mlp.proj": "rowwise",
+    }
 
     def __init__(self, spec: GPTSpec, *, objective=None) -> None:
         super().__init__()

@@ -9,12 +9,24 @@ weights, and peak extra memory is one full parameter (the largest), never the mo
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
+from typing import Protocol
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from temper.errors import TemperError
+
+
+class InitWeights(Protocol):
+    """Tensors to start from instead of the init rule where name and shape match (init_from;
+    checkpoint/weights.py's PretrainedWeights is one)."""
+
+    shapes: Mapping[str, tuple[int, ...]]
+
+    def get(self, name: str) -> torch.Tensor: ...
+
 
 _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
 
@@ -36,7 +48,7 @@ def is_meta(model: nn.Module) -> bool:
     return any(t.is_meta for t in (*model.parameters(), *model.buffers()))
 
 
-def _pretrained(weights, name: str, shape) -> torch.Tensor | None:
+def _pretrained(weights: InitWeights | None, name: str, shape) -> torch.Tensor | None:
     """The pretrained tensor for `name` when `weights` (init_from) has it at this shape."""
     if weights is None or tuple(weights.shapes.get(name, ())) != tuple(shape):
         return None
@@ -44,9 +56,9 @@ def _pretrained(weights, name: str, shape) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def apply_deterministic_init(model: nn.Module, *, seed: int, weights=None) -> None:
+def apply_deterministic_init(model: nn.Module, *, seed: int, weights: InitWeights | None = None) -> None:
     """Initialize every parameter (full or a DTensor shard) from (seed, name); reset buffers.
-    `weights` (temper.checkpoint.pretrained, for init_from) supplies the tensors it has at
+    `weights` (InitWeights, for init_from) supplies the tensors it has at
     the same name and shape instead, buffers (BatchNorm statistics) included."""
     init = getattr(model, "init_parameter", None)
     if init is None:
@@ -75,7 +87,7 @@ def apply_deterministic_init(model: nn.Module, *, seed: int, weights=None) -> No
                 buffer.copy_(loaded.to(buffer.dtype))
 
 
-def materialize(model: nn.Module, *, device: torch.device, seed: int, weights=None) -> None:
+def materialize(model: nn.Module, *, device: torch.device, seed: int, weights: InitWeights | None = None) -> None:
     """Allocate a meta-device model (already sharded, if it is) on `device` and initialize it
     (from `weights` where they have a tensor: init_from).
 

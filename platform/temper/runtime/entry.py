@@ -24,6 +24,7 @@ import torch
 from temper.console import ProgressDisplay
 from temper.dist import build_dist_context
 from temper.errors import TemperError
+from temper.run_info import RunInfo
 from temper.runtime.loop import TrainResult, train
 from temper.runtime.report import Reporter
 from temper.spec.loader import spec_from_json
@@ -40,9 +41,11 @@ def setup_logging() -> None:
     )
 
 
-def run_worker(spec_json: str, run_info: dict | None, *, reporter: Reporter | None = None) -> TrainResult:
-    """Rebuild the spec, join the process group, and train. Every rank calls this."""
+def run_worker(spec_json: str, run_info: RunInfo | dict | None, *,
+               reporter: Reporter | None = None) -> TrainResult:
+    """Rebuild the spec and the RunInfo, join the process group, and train. Every rank calls this."""
     spec = spec_from_json(spec_json)
+    run_info = RunInfo.from_dict(run_info)
     ctx = build_dist_context(device=spec.train.device, timeout_s=spec.fault.collective_timeout_s)
     if ctx.device.type == "cpu":
         # As many intra-op threads as CPUs reserved: every launcher computes identically.
@@ -80,7 +83,7 @@ class _RayReporter(Reporter):
         if self.sink is not None:
             self.sink.push.remote(event)  # fire and forget: never waits on the driver
 
-    def run_id(self, run_info: dict | None) -> str | None:
+    def run_id(self, run_info: RunInfo) -> str | None:
         if self.sink is None:
             return None
         import ray

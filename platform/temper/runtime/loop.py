@@ -1,7 +1,7 @@
 """The training loop every worker runs, whatever launched it. Read it top to bottom.
 
     train(spec, ctx)
-      build model (meta device) -> objective -> strategy.setup(model, optimizer)
+      build model (meta device) -> objective -> strategy.setup(model, optimizer, init_from weights)
       -> LR schedule -> data (this rank's share) -> tracker (rank 0 only logs)
       -> resume from the run's newest committed checkpoint, if any
       for step in range(resumed_step + 1, max_steps + 1):
@@ -9,7 +9,8 @@
           clip by global norm -> optimizer step (skipped on NaN with on_nan=skip) -> schedule step
           every log_every (and at checkpoints): all-reduce the window's metrics, check they
               are finite, log, show progress
-          every checkpoint.every_steps, at the end and when asked to stop: save a checkpoint
+          when the keeper says a save is due (checkpoint.every_steps, the end) and when asked
+              to stop: save a checkpoint
           every eval_every (and at the end): evaluate on the held-out split
 """
 
@@ -20,15 +21,18 @@ import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from temper.checkpoint.keeper import CheckpointKeeper
+from temper.checkpoint.keeper import build_keeper
+from temper.checkpoint.weights import weights_for_worker
 from temper.data import build_data
 from temper.dist import DistContext
 from temper.models import build_model
 from temper.objectives import build_objective
 from temper.objectives.base import Objective
+from temper.run_info import InitFromLocation, RunInfo
 from temper.runtime.faults import Fault, fault_from_env
 from temper.runtime.optim import build_optimizer, build_scheduler
 from temper.runtime.perf import PerfMeter, peak_flops
@@ -104,10 +108,11 @@ def train(
     spec: JobSpec,
     ctx: DistContext,
     *,
-    run_info: dict | None = None,
+    run_info: RunInfo | None = None,
     reporter: Reporter | None = None,
 ) -> TrainResult:
     """Train `spec` on this worker; every rank calls this with its own `ctx`."""
+    run_info = run_info or RunInfo()
     reporter = reporter or Reporter()
     torch.manual_seed(spec.seed)
     strategy = build_strategy(spec, ctx=ctx)
@@ -115,8 +120,8 @@ def train(
         model = build_model(spec.model, objective=spec.objective)
     flops_per_sample = getattr(model, "train_flops_per_sample", lambda: None)()
     objective = build_objective(spec.objective, spec.model)
-    _apply_init_from(spec, model=model, strategy=strategy, run_info=run_info)
-    strategy.setup(model, build_optimizer=lambda m: build_optimizer(m, spec.optim))
+    pretrained = _init_from(spec, model=model, run_info=run_info)
+    strategy.setup(model, build_optimizer=lambda m: build_optimizer(m, spec.optim), pretrained=pretrained)
     scheduler = build_scheduler(
         strategy.optimizer, spec=spec.optim.schedule, max_steps=spec.train.max_steps
     )
@@ -127,14 +132,13 @@ def train(
                             run_id_source=lambda: reporter.run_id(run_info))
     probe = _Probe.build(spec, ctx)
     tracker.set_tags({"temper.hosts": ",".join(dict.fromkeys(probe.nodes)), "temper.world_size": str(ctx.world_size)})
-    keeper = _keeper(spec, ctx=ctx, run_info=run_info)
+    keeper = build_keeper(spec, ctx=ctx, run_info=run_info)
     result = TrainResult(steps=0)
-    if keeper is not None:
-        resumed = keeper.restore(strategy=strategy, scheduler=scheduler, data=data, tracker=tracker)
-        if resumed is not None:
-            result.steps = result.resumed_from = resumed.step
-            tracker.set_tags({"temper.resumed_from": resumed.path})
-            log.warning("resumed from %s at step %d", resumed.path, resumed.step)
+    resumed = keeper.restore(strategy=strategy, scheduler=scheduler, data=data, tracker=tracker)
+    if resumed is not None:
+        result.steps = result.resumed_from = resumed.step
+        tracker.set_tags({"temper.resumed_from": resumed.path})
+        log.warning("resumed from %s at step %d", resumed.path, resumed.step)
     perf = PerfMeter(
         device=ctx.device,
         world_size=ctx.world_size,
@@ -142,147 +146,173 @@ def train(
         flops_per_sample=flops_per_sample,
         peak_flops_per_device=peak_flops(ctx.device, spec.train.precision),
     )
+    loop = _Loop(spec=spec, ctx=ctx, strategy=strategy, objective=objective, scheduler=scheduler,
+                 data=data, tracker=tracker, keeper=keeper, reporter=reporter, perf=perf, probe=probe,
+                 result=result)
     try:
-        _run_steps(
-            spec=spec, ctx=ctx, strategy=strategy, objective=objective, scheduler=scheduler,
-            data=data, tracker=tracker, perf=perf, reporter=reporter, result=result, keeper=keeper,
-            probe=probe,
-        )
-        if keeper is not None:
-            keeper.close()  # an async save in flight is committed before the run ends
+        loop.run()
+        keeper.close()  # an async save in flight is committed before the run ends
     finally:
         tracker.close()
         strategy.close()
     return result
 
 
-def _apply_init_from(spec: JobSpec, *, model, strategy: Strategy, run_info: dict | None) -> None:
-    """init_from: the strategy initializes from the pretrained tensors where they fit (the
+def _init_from(spec: JobSpec, *, model, run_info: RunInfo):
+    """init_from: the pretrained tensors the strategy initializes from where they fit (the
     driver checked the fit before launching); freeze_backbone leaves only the heads to train.
     A resumed run's checkpoint overrides both weights and optimizer afterwards."""
-    from temper.checkpoint.pretrained import weights_for_worker
-
-    strategy.pretrained = weights_for_worker(spec, run_info)
-    if strategy.pretrained is not None:
-        log.info("init_from: initializing from %s (step %s)", strategy.pretrained.path, strategy.pretrained.step)
+    pretrained = weights_for_worker(spec, run_info.init_from, fetch=_fetch_model_version)
+    if pretrained is not None:
+        log.info("init_from: initializing from %s (step %s)", pretrained.path, pretrained.step)
     if spec.init_from is not None and spec.init_from.freeze_backbone:
         trainable = model.freeze_backbone()
         log.info("init_from.freeze_backbone: %d parameters train (the heads)", trainable)
+    return pretrained
 
 
-def _keeper(spec: JobSpec, *, ctx: DistContext, run_info: dict | None) -> CheckpointKeeper | None:
-    """Checkpointing needs the folder the launcher chose for this run (tests may train without)."""
-    if not spec.checkpoint.enabled or not (run_info or {}).get("checkpoint_dir"):
-        return None
-    return CheckpointKeeper(spec=spec, ctx=ctx, run_info=run_info)
+def _fetch_model_version(location: InitFromLocation) -> str:
+    """A models:/ version's files on this node (the driver's download lives on its machine)."""
+    from temper.tracking.registry import resolve_model_uri
+
+    return str(resolve_model_uri(location.model_uri, location.tracking_uri)[0])
 
 
-def _run_steps(*, spec, ctx, strategy, objective, scheduler, data, tracker, perf, reporter, result, keeper,
-               probe):
-    """The step loop: train; log every `log_every`; checkpoint every `checkpoint.every_steps`,
-    at the end and on a stop request; evaluate every `eval_every` and at the end."""
-    t, every = spec.train, spec.checkpoint.every_steps
-    batches = data.train_batches()
-    window = _Window.empty(ctx.device)
-    autocast = _autocast_factory(spec, ctx)
-    fault = fault_from_env()
-    skips = _Skips()
-    strategy.model.train()
-    for step in range(result.steps + 1, t.max_steps + 1):
-        if fault is not None:
-            fault.before_step(step=step, rank=ctx.rank)
-        lr = scheduler.get_last_lr()[0]
-        samples, tokens = _train_step(
-            strategy=strategy, objective=objective, batches=batches, ctx=ctx, spec=spec,
-            window=window, autocast=autocast, step=step, fault=fault, skips=skips, timer=probe.timer,
-        )
-        scheduler.step()
-        perf.tick(samples=samples, tokens=tokens)
-        last = step == t.max_steps
-        save = keeper is not None and (last or (every and step % every == 0))
-        if step % t.log_every == 0 or last or save:
-            stop = ctx.is_main and not last and reporter.should_stop()
-            metrics, result.stopped = _close_window(window, ctx=ctx, perf=perf, stop=stop,
-                                                    skipped=getattr(data, "skipped", None),
-                                                    replicas=strategy.data_world_size, probe=probe)
-            metrics["train/lr"] = lr
-            _check_finite(metrics["train/loss"], step=step)  # before any checkpoint of this window
-            if t.on_nan == "skip":
-                metrics["train/skipped_steps"] = result.skipped_steps = skips.total
-            result.loss_history.append((step, metrics["train/loss"]))
-            result.metrics.update(metrics)
-            tracker.log_metrics(metrics, step=step)
-            reporter.progress({"step": step, "max_steps": t.max_steps, **metrics})
-            window = _Window.empty(ctx.device)
-        result.steps = step
-        if keeper is not None and (save or result.stopped):
-            blocked = keeper.save(step=step, strategy=strategy, scheduler=scheduler, data=data, tracker=tracker)
-            result.checkpoint_step = step
-            tracker.log_metrics({"perf/ckpt_block_s": blocked}, step=step)
-        if result.stopped:  # every rank saw the flag in the same all-reduce: stop together
-            log.warning("stopping at step %d: the driver asked to stop", step)
-            return
-        if data.has_eval and ((t.eval_every and step % t.eval_every == 0) or last):
-            metrics, files = evaluate(strategy=strategy, objective=objective, data=data, ctx=ctx,
-                                      autocast=autocast)
-            result.metrics.update(metrics)
-            tracker.log_metrics(metrics, step=step)
-            for name, content in files.items():  # rank 0 only has any
-                tracker.log_artifact(f"eval/step-{step:06d}/{name}", content)
-            reporter.progress({"step": step, "max_steps": t.max_steps, **metrics})
+@dataclass
+class _Loop:
+    """The step loop and what it works with. `run` trains; logs every `log_every`; saves
+    when the keeper says a checkpoint is due and on a stop request; evaluates every
+    `eval_every` and at the end."""
 
+    spec: JobSpec
+    ctx: DistContext
+    strategy: Strategy
+    objective: Objective
+    scheduler: Any
+    data: Any
+    tracker: Any
+    keeper: Any
+    reporter: Reporter
+    perf: PerfMeter
+    probe: _Probe
+    result: TrainResult
+    skips: _Skips = field(default_factory=_Skips)
+    fault: Fault | None = field(default_factory=fault_from_env)
 
-def _train_step(*, strategy: Strategy, objective: Objective, batches: Iterator, ctx: DistContext,
-                spec: JobSpec, window: _Window, autocast, step: int, fault: Fault | None,
-                skips: _Skips, timer: StepTimer) -> tuple[int, int]:
-    """One optimizer step over `grad_accum` micro-batches; returns this rank's samples, tokens.
-    With on_nan=skip a step whose loss or gradient norm is not finite on any rank updates
-    nothing (every rank decides alike) and does not enter the window's averages."""
-    accum = spec.train.grad_accum
-    samples = tokens = 0
-    loss_sum = torch.zeros((), device=ctx.device)
-    step_metrics: dict[str, torch.Tensor] = {}
-    timer.step()
-    for micro in range(accum):
-        timer.data_start()
-        batch = _to_device(next(batches), ctx.device)
-        timer.data_end()
-        with strategy.accumulate(sync=micro == accum - 1):
-            timer.compute_start()
-            with autocast():
-                out = objective(strategy.model, batch)
-            timer.compute_end()
-            loss = out.loss if fault is None else fault.poison(out.loss, step=step, rank=ctx.rank)
-            strategy.backward(loss / accum)
-        loss_sum += loss.detach().float() / accum
-        for name, value in out.metrics.items():
-            key = f"train/{name}"
-            step_metrics[key] = step_metrics.get(key, 0.0) + value.detach().float() / accum
-        samples += out.num_samples
-        tokens += out.num_tokens
-    grad_norm = strategy.clip_grad_norm(spec.optim.grad_clip).detach().float()
-    if spec.train.on_nan == "skip" and not _finite_everywhere(ctx, loss_sum, grad_norm):
-        strategy.optimizer.zero_grad(set_to_none=True)
+    def __post_init__(self) -> None:
+        self.window = _Window.empty(self.ctx.device)
+        self.autocast = _autocast_factory(self.spec, self.ctx)
+
+    def run(self) -> None:
+        t, result = self.spec.train, self.result
+        batches = self.data.train_batches()
+        self.strategy.model.train()
+        for step in range(result.steps + 1, t.max_steps + 1):
+            if self.fault is not None:
+                self.fault.before_step(step=step, rank=self.ctx.rank)
+            lr = self.scheduler.get_last_lr()[0]
+            samples, tokens = self.train_step(batches, step=step)
+            self.scheduler.step()
+            self.perf.tick(samples=samples, tokens=tokens)
+            last = step == t.max_steps
+            save = self.keeper.due(step)
+            if step % t.log_every == 0 or last or save:
+                self.log_window(step=step, lr=lr, last=last)
+            result.steps = step
+            if save or result.stopped:
+                blocked = self.keeper.save(step=step, strategy=self.strategy, scheduler=self.scheduler,
+                                           data=self.data, tracker=self.tracker)
+                if blocked is not None:
+                    result.checkpoint_step = step
+                    self.tracker.log_metrics({"perf/ckpt_block_s": blocked}, step=step)
+            if result.stopped:  # every rank saw the flag in the same all-gather: stop together
+                log.warning("stopping at step %d: the driver asked to stop", step)
+                return
+            if self.data.has_eval and ((t.eval_every and step % t.eval_every == 0) or last):
+                self.evaluate(step=step)
+
+    def log_window(self, *, step: int, lr: float, last: bool) -> None:
+        """Close the window (one all-gather: metrics, stop flag, probes), log and report it."""
+        t, result = self.spec.train, self.result
+        stop = self.ctx.is_main and not last and self.reporter.should_stop()
+        metrics, result.stopped = _close_window(self.window, ctx=self.ctx, perf=self.perf, stop=stop,
+                                                skipped=getattr(self.data, "skipped", None),
+                                                replicas=self.strategy.data_world_size, probe=self.probe)
+        metrics["train/lr"] = lr
+        _check_finite(metrics["train/loss"], step=step)  # before any checkpoint of this window
+        if t.on_nan == "skip":
+            metrics["train/skipped_steps"] = result.skipped_steps = self.skips.total
+        result.loss_history.append((step, metrics["train/loss"]))
+        result.metrics.update(metrics)
+        self.tracker.log_metrics(metrics, step=step)
+        self.reporter.progress({"step": step, "max_steps": t.max_steps, **metrics})
+        self.window = _Window.empty(self.ctx.device)
+
+    def evaluate(self, *, step: int) -> None:
+        metrics, files = evaluate(strategy=self.strategy, objective=self.objective, data=self.data,
+                                  ctx=self.ctx, autocast=self.autocast)
+        self.result.metrics.update(metrics)
+        self.tracker.log_metrics(metrics, step=step)
+        for name, content in files.items():  # rank 0 only has any
+            self.tracker.log_artifact(f"eval/step-{step:06d}/{name}", content)
+        self.reporter.progress({"step": step, "max_steps": self.spec.train.max_steps, **metrics})
+
+    def train_step(self, batches: Iterator, *, step: int) -> tuple[int, int]:
+        """One optimizer step over `grad_accum` micro-batches; returns this rank's samples, tokens.
+        With on_nan=skip a step whose loss or gradient norm is not finite on any rank updates
+        nothing (every rank decides alike) and does not enter the window's averages."""
+        strategy, ctx, timer, fault = self.strategy, self.ctx, self.probe.timer, self.fault
+        accum = self.spec.train.grad_accum
+        samples = tokens = 0
+        loss_sum = torch.zeros((), device=ctx.device)
+        step_metrics: dict[str, torch.Tensor] = {}
+        timer.step()
+        for micro in range(accum):
+            timer.data_start()
+            batch = _to_device(next(batches), ctx.device)
+            timer.data_end()
+            with strategy.accumulate(sync=micro == accum - 1):
+                timer.compute_start()
+                with self.autocast():
+                    out = self.objective(strategy.model, batch)
+                timer.compute_end()
+                loss = out.loss if fault is None else fault.poison(out.loss, step=step, rank=ctx.rank)
+                strategy.backward(loss / accum)
+            loss_sum += loss.detach().float() / accum
+            for name, value in out.metrics.items():
+                key = f"train/{name}"
+                step_metrics[key] = step_metrics.get(key, 0.0) + value.detach().float() / accum
+            samples += out.num_samples
+            tokens += out.num_tokens
+        grad_norm = strategy.clip_grad_norm(self.spec.optim.grad_clip).detach().float()
+        if self.spec.train.on_nan == "skip" and not _finite_everywhere(ctx, loss_sum, grad_norm):
+            self._skip(step)
+            return samples, tokens
+        self.skips.consecutive = 0
+        window = self.window
+        window.loss += loss_sum
+        window.grad_norm += grad_norm
+        for key, value in step_metrics.items():
+            window.metrics[key] = window.metrics.get(key, 0.0) + value
+        timer.compute_start()
+        strategy.step()
+        timer.compute_end()
+        window.steps += 1
+        return samples, tokens
+
+    def _skip(self, step: int) -> None:
+        """on_nan=skip: drop this step's gradients; too many in a row is an error."""
+        skips = self.skips
+        self.strategy.optimizer.zero_grad(set_to_none=True)
         skips.consecutive += 1
         skips.total += 1
         log.warning("step %d: loss or gradient is not finite; optimizer step skipped (train.on_nan=skip, "
                     "%d in a row)", step, skips.consecutive)
-        if skips.consecutive > spec.train.max_nan_skips:
+        if skips.consecutive > self.spec.train.max_nan_skips:
             raise FloatingPointError(
                 f"train/loss or the gradient norm was NaN/Inf for {skips.consecutive} consecutive steps up to "
-                f"step {step} (train.max_nan_skips={spec.train.max_nan_skips}); lower optim.lr or check the data"
+                f"step {step} (train.max_nan_skips={self.spec.train.max_nan_skips}); lower optim.lr or check the data"
             )
-        return samples, tokens
-    skips.consecutive = 0
-    window.loss += loss_sum
-    window.grad_norm += grad_norm
-    for key, value in step_metrics.items():
-        window.metrics[key] = window.metrics.get(key, 0.0) + value
-    timer.compute_start()
-    strategy.step()
-    timer.compute_end()
-    window.steps += 1
-    return samples, tokens
 
 
 def _finite_everywhere(ctx: DistContext, *values: torch.Tensor) -> bool:

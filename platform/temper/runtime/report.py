@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 from temper.console import ProgressDisplay
+from temper.run_info import RunInfo
 
 #: The torchrun driver creates this file to ask the workers to stop (Ctrl-C).
 STOP_FILE_ENV = "TEMPER_STOP_FILE"
@@ -30,10 +31,10 @@ class Reporter:
         """Has the driver asked the job to stop? Asked on rank 0 at logging steps only."""
         return bool(self.stop_file) and os.path.exists(self.stop_file)
 
-    def run_id(self, run_info: dict | None) -> str | None:
+    def run_id(self, run_info: RunInfo) -> str | None:
         """The MLflow run the driver created after the job started (the server was down at
-        start): it writes the id to run_info["run_id_file"]. Asked by the tracker's thread."""
-        path = (run_info or {}).get("run_id_file")
+        start): it writes the id to `run_info.run_id_file`. Asked by the tracker's thread."""
+        path = run_info.run_id_file
         if not path or not os.path.exists(path):
             return None
         with open(path) as f:

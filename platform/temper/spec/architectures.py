@@ -66,6 +66,14 @@ class GPTSpec(BaseSpec):
         _heads_divide(self.d_model, self.n_head)
         return self
 
+    def tensor_parallel_dims(self) -> list[tuple[int, str, str]]:
+        """The sizes the model's tensor_parallel_plan (models/gpt.py) splits, which a
+        tensor-parallel degree must divide: (size, what it is, how the fix names it). A model
+        spec without this method has no plan (tests/unit/test_layers.py keeps both in step)."""
+        hidden = int(self.mlp_ratio * self.d_model)
+        return [(self.n_head, f"model.n_head={self.n_head}", "model.n_head"),
+                (hidden, f"the MLP width {hidden} (model.mlp_ratio x model.d_model)", "it")]
+
 
 ENCODER_FLAVORS: dict[str, dict[str, Any]] = {
     "tiny": {"n_layer": 2, "n_head": 4, "d_model": 64, "seq_len": 128, "vocab_size": 258},
@@ -197,6 +205,13 @@ class RecurrentSpec(BaseSpec):
 ModelSpec = Annotated[
     GPTSpec | EncoderSpec | ViTSpec | ResNetSpec | RecurrentSpec, Field(discriminator="kind")
 ]
+
+#: The model kinds whose spec declares tensor_parallel_dims (their model has a TP plan).
+TENSOR_PARALLEL_KINDS: tuple[str, ...] = tuple(
+    kind for spec in (GPTSpec, EncoderSpec, ViTSpec, ResNetSpec, RecurrentSpec)
+    if hasattr(spec, "tensor_parallel_dims")
+    for kind in spec.model_fields["kind"].annotation.__args__
+)
 
 #: What a model reads from the batch: token ids or images.
 MODEL_INPUTS: dict[str, str] = {

@@ -20,6 +20,7 @@ from pydantic import Field, field_validator, model_validator
 from temper.spec.architectures import (  # noqa: F401
     MODEL_INPUTS,
     OBJECTIVES_FOR_MODEL,
+    TENSOR_PARALLEL_KINDS,
     CausalLMSpec,
     ClassifySpec,
     EncoderSpec,
@@ -331,7 +332,8 @@ class JobSpec(BaseSpec):
                 "system only; use a shared mount (NFS, FSx, a PVC) or strategy.kind=fsdp"
             )
         problems = strategy_problems(
-            strategy=self.strategy, model=self.model, workers=self.resources.workers
+            strategy=self.strategy, model=self.model, workers=self.resources.workers,
+            tp_kinds=TENSOR_PARALLEL_KINDS,
         )
         if problems:
             raise ValueError("; ".join(problems))

@@ -146,19 +146,18 @@ class DeepSpeedSpec(BaseSpec):
 
 StrategySpec = Annotated[DDPSpec | FSDPSpec | DeepSpeedSpec, Field(discriminator="kind")]
 
-#: Model kinds with a tensor-parallel plan (strategies/tensor_parallel.py).
-TENSOR_PARALLEL_MODELS = ("gpt",)
-
-
-def strategy_problems(*, strategy: Any, model: Any, workers: int) -> list[str]:
-    """Cross-section checks of the strategy against the model and resources (one line each)."""
+def strategy_problems(*, strategy: Any, model: Any, workers: int, tp_kinds: tuple[str, ...] = ()) -> list[str]:
+    """Cross-section checks of the strategy against the model and resources (one line each).
+    A model spec with `tensor_parallel_dims()` has a tensor-parallel plan; `tp_kinds` names
+    the kinds that do (for the message)."""
     tp = getattr(strategy, "tensor_parallel", 1)
     if tp == 1:
         return []
-    if model.kind not in TENSOR_PARALLEL_MODELS:
+    dims = getattr(model, "tensor_parallel_dims", None)
+    if dims is None:
         return [
             f"strategy.tensor_parallel={tp} needs a transformer; model.kind '{model.kind}' has "
-            f"no tensor-parallel plan (accepted: {', '.join(TENSOR_PARALLEL_MODELS)}): set "
+            f"no tensor-parallel plan (accepted: {', '.join(tp_kinds)}): set "
             "strategy.tensor_parallel=1"
         ]
     problems = []
@@ -167,15 +166,9 @@ def strategy_problems(*, strategy: Any, model: Any, workers: int) -> list[str]:
             f"strategy.tensor_parallel={tp} does not divide resources.workers={workers}; "
             "pick a tensor_parallel that divides resources.workers"
         )
-    if model.n_head % tp:
-        problems.append(
-            f"strategy.tensor_parallel={tp} does not divide model.n_head={model.n_head}; "
-            "pick a tensor_parallel that divides model.n_head"
-        )
-    hidden = int(model.mlp_ratio * model.d_model)
-    if hidden % tp:
-        problems.append(
-            f"strategy.tensor_parallel={tp} does not divide the MLP width {hidden} "
-            "(model.mlp_ratio x model.d_model); pick a tensor_parallel that divides it"
-        )
+    for size, what, ref in dims():
+        if size % tp:
+            problems.append(
+                f"strategy.tensor_parallel={tp} does not divide {what}; pick a tensor_parallel that divides {ref}"
+            )
     return problems

@@ -4,7 +4,7 @@ The loop only ever calls these methods, so a new engine (FSDP2, DeepSpeed, tenso
 parallel) is a new subclass, never an `if` in the loop. Lifecycle:
 
     strategy = build_strategy(spec, ctx)
-    model, optimizer = strategy.setup(model, build_optimizer=...)
+    model, optimizer = strategy.setup(model, build_optimizer=..., pretrained=weights | None)
     for each optimizer step:
         for each micro-batch:
             with strategy.accumulate(is_last_micro):   # no grad sync on non-final micro-steps
@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from temper.dist import DistContext
+from temper.models.init import InitWeights
 from temper.strategies.grad_norm import clip_grad_norm_global
 from temper.strategies.memory import MemoryReport, tensor_bytes
 
@@ -42,7 +43,6 @@ class Strategy(ABC):
     def __init__(self, *, ctx: DistContext, seed: int = 0) -> None:
         self.ctx = ctx
         self.seed = seed  # parameters are initialized from (seed, name): see models/init.py
-        self.pretrained = None  # init_from's weights (checkpoint.pretrained), used where they fit
         self.model: nn.Module | None = None  # the wrapped model (what forward goes through)
         self.optimizer: torch.optim.Optimizer | None = None
         # This rank's place among the data-parallel replicas (tensor-parallel peers share data).
@@ -55,8 +55,10 @@ class Strategy(ABC):
         model: nn.Module,
         *,
         build_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+        pretrained: InitWeights | None = None,
     ) -> tuple[nn.Module, torch.optim.Optimizer]:
-        """Place and wrap `model`, then build its optimizer over the wrapped parameters."""
+        """Place and wrap `model` (initialized from `pretrained` where it has a tensor of the
+        same name and shape: init_from), then build its optimizer over the wrapped parameters."""
 
     @contextlib.contextmanager
     def accumulate(self, sync: bool) -> Iterator[None]:

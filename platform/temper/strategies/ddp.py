@@ -15,15 +15,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from temper.dist import DistContext
-from temper.models.init import materialize
+from temper.models.init import InitWeights, materialize
 from temper.spec.job import DDPSpec, JobSpec
 from temper.strategies.base import Strategy
-from temper.strategies.parallelize import (
-    apply_activation_checkpointing,
-    apply_compile,
-    apply_tensor_parallel,
-    build_mesh,
-)
+from temper.strategies.parallelize import apply_model_parallelism, build_mesh
 
 
 class DDPStrategy(Strategy):
@@ -37,21 +32,21 @@ class DDPStrategy(Strategy):
         model: nn.Module,
         *,
         build_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+        pretrained: InitWeights | None = None,
     ) -> tuple[nn.Module, torch.optim.Optimizer]:
         tp = self.spec.tensor_parallel
         mesh = build_mesh(self.ctx, tensor_parallel=tp) if tp > 1 else None
         if mesh is not None:
-            apply_tensor_parallel(model, mesh["tp"])
             self.data_rank, self.data_world_size = mesh["dp"].get_local_rank(), mesh["dp"].size()
-        apply_activation_checkpointing(model, self.spec.activation_checkpointing)
-        if self.spec.compile:
-            apply_compile(model)
+        apply_model_parallelism(model, tp_mesh=mesh["tp"] if mesh is not None else None,
+                                activation_checkpointing=self.spec.activation_checkpointing,
+                                compile=self.spec.compile)
         if mesh is not None:  # also at dp=1: every parameter becomes a DTensor (one optimizer kind)
             from torch.distributed._composable.replicate_with_fsdp import replicate
 
             replicate(model, mesh=mesh["dp"])
             self._replicated = True
-        materialize(model, device=self.ctx.device, seed=self.seed, weights=self.pretrained)
+        materialize(model, device=self.ctx.device, seed=self.seed, weights=pretrained)
         model = model.to(self.ctx.device)
         if self.ctx.world_size > 1 and mesh is None:
             device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None

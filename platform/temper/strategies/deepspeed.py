@@ -18,12 +18,12 @@ from torch import nn
 
 from temper.dist import DistContext
 from temper.errors import MissingDependencyError, TemperError
-from temper.models.init import materialize
+from temper.models.init import InitWeights, materialize
 from temper.spec.job import DeepSpeedSpec, JobSpec
 from temper.strategies.base import Strategy
 from temper.strategies.deepspeed_config import build_deepspeed_config
 from temper.strategies.memory import MemoryReport, tensor_bytes
-from temper.strategies.parallelize import apply_activation_checkpointing
+from temper.strategies.parallelize import apply_model_parallelism
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +65,14 @@ class DeepSpeedStrategy(Strategy):
         model: nn.Module,
         *,
         build_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+        pretrained: InitWeights | None = None,
     ) -> tuple[nn.Module, torch.optim.Optimizer]:
         deepspeed = import_deepspeed(device=self.ctx.device)
-        apply_activation_checkpointing(model, self.spec.activation_checkpointing)
+        apply_model_parallelism(model, tp_mesh=None,  # ZeRO does not compose with DTensor TP
+                                activation_checkpointing=self.spec.activation_checkpointing, compile=False)
         # ZeRO-3 partitions the parameters inside initialize(); until then each rank holds
         # the full model (deepspeed.zero.Init would avoid that peak; see docs/parallelism.md).
-        materialize(model, device=self.ctx.device, seed=self.seed, weights=self.pretrained)
+        materialize(model, device=self.ctx.device, seed=self.seed, weights=pretrained)
         optimizer = build_optimizer(model)
         config = build_deepspeed_config(self.spec, job=self.job, warn=log.warning)
         engine, _, _, _ = deepspeed.initialize(

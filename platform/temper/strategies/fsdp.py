@@ -12,15 +12,10 @@ import torch
 from torch import nn
 
 from temper.dist import DistContext
-from temper.models.init import materialize
+from temper.models.init import InitWeights, materialize
 from temper.spec.job import FSDPSpec, JobSpec
 from temper.strategies.base import Strategy
-from temper.strategies.parallelize import (
-    apply_activation_checkpointing,
-    apply_compile,
-    apply_tensor_parallel,
-    build_mesh,
-)
+from temper.strategies.parallelize import apply_model_parallelism, build_mesh
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -50,17 +45,16 @@ class FSDPStrategy(Strategy):
         model: nn.Module,
         *,
         build_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+        pretrained: InitWeights | None = None,
     ) -> tuple[nn.Module, torch.optim.Optimizer]:
         from torch.distributed.fsdp import fully_shard
 
         mesh = build_mesh(self.ctx, tensor_parallel=self.spec.tensor_parallel)
         dp_mesh = mesh["dp"]
         self.data_rank, self.data_world_size = dp_mesh.get_local_rank(), dp_mesh.size()
-        if self.spec.tensor_parallel > 1:
-            apply_tensor_parallel(model, mesh["tp"])
-        apply_activation_checkpointing(model, self.spec.activation_checkpointing)
-        if self.spec.compile:
-            apply_compile(model)
+        apply_model_parallelism(model, tp_mesh=mesh["tp"] if self.spec.tensor_parallel > 1 else None,
+                                activation_checkpointing=self.spec.activation_checkpointing,
+                                compile=self.spec.compile)
         mp, offload = self._policies()
         shard = dict(mesh=dp_mesh, reshard_after_forward=self.spec.reshard_after_forward,
                      mp_policy=mp, offload_policy=offload)
@@ -68,7 +62,7 @@ class FSDPStrategy(Strategy):
             fully_shard(block, **shard)
         fully_shard(model, **shard)
         device = torch.device("cpu") if self.spec.cpu_offload else self.ctx.device
-        materialize(model, device=device, seed=self.seed, weights=self.pretrained)
+        materialize(model, device=device, seed=self.seed, weights=pretrained)
         self.model = model
         self.optimizer = build_optimizer(model)
         return self.model, self.optimizer

@@ -1,20 +1,21 @@
 """What strategies apply to a bare model, in torchtitan's order: TP, AC, compile, sharding.
 
-Models hold no parallelism code; the tensor-parallel plans for each model class live here.
-A model exposes its repeated layers as `model.blocks` (the unit of AC, compile and FSDP).
+`apply_model_parallelism` is the one sequence every strategy runs before it shards or wraps
+the model (DDP, FSDP, DeepSpeed); the sharding itself is the strategy's own. Models hold no
+parallelism code: a model declares its tensor-parallel plan as data
+(`TaskModel.tensor_parallel_plan`) and exposes its repeated layers as `model.blocks` (the
+unit of TP, AC, compile and FSDP).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from temper.dist import DistContext
-from temper.models.gpt import GPT
 
 
 def build_mesh(ctx: DistContext, *, tensor_parallel: int) -> DeviceMesh:
@@ -23,34 +24,31 @@ def build_mesh(ctx: DistContext, *, tensor_parallel: int) -> DeviceMesh:
     return init_device_mesh(ctx.device.type, (dp, tensor_parallel), mesh_dim_names=("dp", "tp"))
 
 
-def _gpt_tensor_parallel(model: GPT, tp_mesh: DeviceMesh) -> None:
-    """Megatron-style: q/k/v and mlp.fc column-wise, attn.proj and mlp.proj row-wise, so each
-    block does one all-reduce in attention and one in the MLP (forward and backward)."""
+def apply_model_parallelism(model: nn.Module, *, tp_mesh: DeviceMesh | None,
+                            activation_checkpointing: str, compile: bool) -> None:
+    """Tensor parallel (when `tp_mesh` is given), then activation checkpointing, then
+    torch.compile, each per block and in place (parameter names unchanged)."""
+    if tp_mesh is not None:
+        apply_tensor_parallel(model, tp_mesh)
+    apply_activation_checkpointing(model, activation_checkpointing)
+    if compile:
+        apply_compile(model)
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Split each block's Linear layers as the model's `tensor_parallel_plan` says."""
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
         RowwiseParallel,
         parallelize_module,
     )
 
-    plan = {
-        "attn.q": ColwiseParallel(), "attn.k": ColwiseParallel(), "attn.v": ColwiseParallel(),
-        "attn.proj": RowwiseParallel(), "mlp.fc": ColwiseParallel(), "mlp.proj": RowwiseParallel(),
-    }
-    for block in model.blocks:
-        parallelize_module(block, tp_mesh, plan)
-
-
-#: Model class -> its tensor-parallel plan. Validation admits TP only for these kinds.
-TENSOR_PARALLEL_PLANS: dict[type[nn.Module], Callable[[nn.Module, DeviceMesh], None]] = {
-    GPT: _gpt_tensor_parallel,
-}
-
-
-def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
-    plan = TENSOR_PARALLEL_PLANS.get(type(model))
+    plan = getattr(model, "tensor_parallel_plan", None)
     if plan is None:  # validation rejects this first; a guard for direct callers
         raise TypeError(f"{type(model).__name__} has no tensor-parallel plan")
-    plan(model, tp_mesh)
+    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+    for block in model.blocks:
+        parallelize_module(block, tp_mesh, {name: styles[style]() for name, style in plan.items()})
 
 
 _SAVE_OPS = {

@@ -19,6 +19,7 @@ from typing import Any
 
 import temper
 from temper.errors import TemperError
+from temper.run_info import RunInfo
 from temper.spec.job import JobSpec
 from temper.spec.loader import flatten, spec_hash, spec_to_dict, spec_to_yaml
 from temper.tracking.backend import MlflowBackend, is_http_uri, is_rejection, short_reason
@@ -44,9 +45,9 @@ class RunHandle:
     tracking_uri: str
     ui_url: str | None
 
-    def run_info(self) -> dict[str, str]:
+    def run_info(self) -> RunInfo:
         """What the driver passes to the workers (see temper.tracking.build_tracker)."""
-        return {"run_id": self.run_id, "tracking_uri": self.tracking_uri}
+        return RunInfo(run_id=self.run_id, tracking_uri=self.tracking_uri)
 
 
 def resolve_tracking_uri(spec_tracking_uri: str | None, *, workdir: Path) -> str:

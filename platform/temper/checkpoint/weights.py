@@ -1,0 +1,343 @@
+"""Model weights out of checkpoints: read them for init_from, consolidate them for export.
+
+The worker side of a model's lifecycle (the driver side is launch/lifecycle.py):
+
+    open_weights(path) -> PretrainedWeights
+        a `temper export` folder (model.safetensors + config.json): tensors read lazily, one
+            at a time (a rank never holds a second copy of the model)
+        a checkpoint (a run folder: its newest committed step; or a step-N folder): DCP's
+            metadata gives the shapes; the model's tensors are read in full on first use
+    weights.shapes            name -> shape (model state names: parameters and buffers)
+    weights.get(name)         a CPU tensor (float32 for floating point)
+    weights.model_spec        the `model:` section it was trained with (kind, sizes)
+    weights.run_id / step     where it came from (lineage)
+    compare(weights, ...)     what loads, what is new (the task head), what is ignored (a
+                              pretraining head), and what cannot match (an error)
+    weights_for_worker(...)   init_from's weights on a worker, where the driver found them
+
+    export_checkpoint(source, out_dir) consolidated weights, in one process without a group:
+        out_dir/model.safetensors   full fp32 tensors under the bare model's state_dict names
+        out_dir/config.json         {"model": <model spec>, "source": {...}, "temper_version": ...}
+      dcp: the global shapes come from `.metadata`; only the "model" entries are read.
+      deepspeed: DeepSpeed's own zero_to_fp32 merges the ZeRO partitions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from temper.checkpoint.catalog import is_step_dir, latest_in, read_checkpoint
+from temper.checkpoint.engines import DEEPSPEED_TAG, dcp_reader, quiet_single_process
+from temper.checkpoint.manifest import CommittedCheckpoint
+from temper.checkpoint.storage import Store, fsync_dir, is_remote, open_store
+from temper.errors import MissingDependencyError, TemperError
+from temper.run_info import InitFromLocation
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+_SPEC_FIELDS_IGNORED = {"num_classes", "flavor", "dropout", "pool"}
+
+class PretrainedWeights:
+    def __init__(self, *, path: str, shapes: dict[str, tuple[int, ...]], model_spec: dict | None,
+                 run_id: str | None, step: int | None, loader, origin: str | None = None) -> None:
+        self.path, self.shapes, self.model_spec = path, shapes, model_spec or {}
+        self.run_id, self.step = run_id, step
+        self.origin = origin or path  # the checkpoint an exported folder was made from
+        self._loader = loader
+
+    def get(self, name: str) -> torch.Tensor:
+        tensor = self._loader(name)
+        return tensor.float() if tensor.is_floating_point() else tensor
+
+
+def open_weights(path: str, *, storage_options: dict | None = None) -> PretrainedWeights:
+    """An export folder or a checkpoint; a TemperError names `path` when it is neither."""
+    folder = Path(path)
+    if "://" not in path and (folder / MODEL_FILE).is_file():
+        return _from_export(folder)
+    try:
+        ckpt = resolve_checkpoint(path, storage_options=storage_options)
+    except TemperError:
+        raise
+    except Exception as e:  # noqa: BLE001 - fsspec/OS errors for a wrong path
+        raise TemperError(f"init_from: {path} is neither a `temper export` folder ({MODEL_FILE} + {CONFIG_FILE}) "
+                          f"nor a checkpoint ({type(e).__name__}: {e}); pass a run or step-N folder") from None
+    return _from_checkpoint(ckpt, storage_options=storage_options)
+
+
+def _from_export(folder: Path) -> PretrainedWeights:
+    from safetensors import safe_open
+
+    config = json.loads((folder / CONFIG_FILE).read_text()) if (folder / CONFIG_FILE).is_file() else {}
+    handle = safe_open(str(folder / MODEL_FILE), framework="pt")
+    shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}  # noqa: SIM118
+    source = config.get("source") or {}
+    return PretrainedWeights(path=str(folder), shapes=shapes, model_spec=config.get("model"),
+                             run_id=source.get("run_id"), step=source.get("step"), loader=handle.get_tensor,
+                             origin=source.get("checkpoint"))
+
+
+def _from_checkpoint(ckpt, *, storage_options: dict | None) -> PretrainedWeights:
+    manifest = ckpt.manifest
+    cache: dict[str, torch.Tensor] = {}
+
+    def full() -> dict[str, torch.Tensor]:
+        if not cache:
+            if manifest.engine == "dcp":
+                cache.update(dcp_model_weights(open_store(ckpt.path, storage_options=storage_options)))
+            else:
+                cache.update(deepspeed_model_weights(ckpt.path))
+        return cache
+
+    if manifest.engine == "dcp":
+        shapes = _dcp_shapes(ckpt.path, storage_options=storage_options)
+    else:
+        shapes = {k: tuple(v.shape) for k, v in full().items()}
+    return PretrainedWeights(path=ckpt.path, shapes=shapes, model_spec=manifest.extra.get("model"),
+                             run_id=manifest.run_id, step=manifest.step, loader=lambda name: full()[name])
+
+
+def _dcp_shapes(path: str, *, storage_options: dict | None) -> dict[str, tuple[int, ...]]:
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    store = open_store(path, storage_options=storage_options)
+    metadata = dcp_reader(store, store.root).read_metadata()
+    return {key[len("model."):]: tuple(meta.size) for key, meta in metadata.state_dict_metadata.items()
+            if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
+
+
+@dataclass
+class Match:
+    """How a source's tensors map onto a job's model."""
+
+    loaded: list[str] = field(default_factory=list)  # same name and shape: copied in
+    new: list[str] = field(default_factory=list)  # the model's, absent from the source (task heads)
+    reshaped: list[str] = field(default_factory=list)  # a head whose shape differs: initialized anew
+    ignored: list[str] = field(default_factory=list)  # the source's, absent from the model
+
+    def summary(self) -> str:
+        return (f"{len(self.loaded)} tensors loaded, {len(self.new) + len(self.reshaped)} new "
+                f"({_few(self.new + self.reshaped)}), {len(self.ignored)} ignored ({_few(self.ignored)})")
+
+    def tags(self) -> dict[str, str]:
+        return {"temper.init_from.loaded": str(len(self.loaded)),
+                "temper.init_from.new": ",".join(self.new + self.reshaped)[:4000] or "-",
+                "temper.init_from.ignored": ",".join(self.ignored)[:4000] or "-"}
+
+
+def compare(weights: PretrainedWeights, *, model_spec: Any, objective: Any, source: str) -> Match:
+    """Match `weights` to the model this job builds; a backbone tensor that is missing or of
+    another shape is a TemperError naming the spec fields that differ."""
+    from temper.models import build_model, is_head
+
+    src_kind = weights.model_spec.get("kind")
+    if src_kind and src_kind != model_spec.kind:
+        raise TemperError(f"init_from {source}: it holds a {src_kind} model, but model.kind is {model_spec.kind}; "
+                          f"fine-tune the architecture that was pretrained (model.kind: {src_kind})")
+    with torch.device("meta"):
+        model = build_model(model_spec, objective=objective)
+    match, problems = Match(), []
+    for name, ref in model.state_dict().items():
+        shape = weights.shapes.get(name)
+        if shape == tuple(ref.shape):
+            match.loaded.append(name)
+        elif is_head(name):
+            (match.new if shape is None else match.reshaped).append(name)
+        elif shape is None:
+            problems.append(f"{name} is missing")
+        else:
+            problems.append(f"{name} is {list(shape)}, the model expects {list(ref.shape)}")
+    if problems:
+        raise TemperError(f"init_from {source} does not fit model ({len(problems)} backbone tensors: "
+                          f"{'; '.join(problems[:3])}){_spec_diff(weights.model_spec, model_spec)}; set the model "
+                          "section to the sizes it was pretrained with")
+    match.ignored = sorted(set(weights.shapes) - set(model.state_dict()))
+    if not any(not is_head(n) for n in match.loaded):
+        raise TemperError(f"init_from {source}: no backbone tensor matches model.kind {model_spec.kind}; "
+                          "is it a checkpoint of this architecture?")
+    return match
+
+
+def _spec_diff(source: dict, model_spec: Any) -> str:
+    if not source:
+        return ""
+    mine = model_spec.model_dump(mode="json")
+    diffs = [f"{k} {source[k]} there vs {mine[k]} here" for k in sorted(set(source) & set(mine))
+             if k not in _SPEC_FIELDS_IGNORED and source[k] != mine[k]]
+    return f"; pretrained with {', '.join(diffs)}" if diffs else ""
+
+
+def _few(names: list[str], n: int = 3) -> str:
+    if not names:
+        return "none"
+    heads = sorted({".".join(x.split(".")[:2]) if x.startswith("heads.") else x for x in names})
+    return ", ".join(heads[:n]) + (", ..." if len(heads) > n else "")
+
+
+def weights_for_worker(spec: Any, location: InitFromLocation | None, *,
+                       fetch: Callable[[InitFromLocation], str] | None = None) -> PretrainedWeights | None:
+    """init_from's weights on a worker: where the driver resolved them (`RunInfo.init_from`);
+    `fetch` gets them again on a node where that folder is absent (a models:/ download lives
+    in the driver's cache); without a driver (tests, in-process use) a path is used as given."""
+    if spec.init_from is None:
+        return None
+    path = location.path if location is not None else None
+    if path is None and spec.init_from.kind == "checkpoint":
+        path = spec.init_from.source
+    if path is None:
+        raise TemperError(f"init_from {spec.init_from.source}: the driver did not resolve it; start the job "
+                          "with `temper run` (or pass a checkpoint folder)")
+    if location is not None and "://" not in path and not Path(path).exists() and location.model_uri and fetch:
+        path = fetch(location)
+    return open_weights(path, storage_options=location.storage_options if location is not None else None)
+
+
+# --- export: consolidated safetensors from a sharded checkpoint ---
+
+
+def export_checkpoint(source: str, out_dir: str, *, model_spec: dict | None = None,
+                      storage_options: dict | None = None) -> Path:
+    """Write `out_dir`/model.safetensors + config.json from a step or run directory."""
+    ckpt = resolve_checkpoint(source, storage_options=storage_options)
+    manifest = ckpt.manifest
+    spec = model_spec if model_spec is not None else manifest.extra.get("model")
+    if spec is None:
+        raise TemperError(
+            f"checkpoint {ckpt.path} records no model spec (manifest extra.model); pass "
+            "model_spec= (the job's `model:` section) to export it"
+        )
+    store = open_store(ckpt.path, storage_options=storage_options)
+    if manifest.engine == "dcp":
+        weights = dcp_model_weights(store)
+    else:
+        weights = deepspeed_model_weights(ckpt.path)
+    tensors = _match_model(weights, spec=spec, source=ckpt.path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_safetensors(tensors, out / MODEL_FILE)
+    config = {
+        "model": spec,
+        "source": {"checkpoint": ckpt.path, "step": manifest.step, "run_id": manifest.run_id,
+                   "spec_hash": manifest.spec_hash},
+        "temper_version": manifest.temper_version,
+    }
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
+    fsync_dir(str(out))
+    log.info("exported %d tensors of %s (step %d) to %s", len(tensors), ckpt.path, manifest.step, out)
+    return out
+
+
+def resolve_checkpoint(source: str, *, storage_options: dict | None) -> CommittedCheckpoint:
+    store = open_store(source, storage_options=storage_options)
+    if is_step_dir(store):
+        return read_checkpoint(source, storage_options=storage_options)
+    found = latest_in(store)
+    if found is None:
+        raise TemperError(
+            f"{source} holds no committed checkpoint; pass a run directory with a finished save "
+            "or a step-N directory with a COMMITTED marker"
+        )
+    return found
+
+
+def dcp_model_weights(store: Store) -> dict[str, torch.Tensor]:
+    """Read the "model" entries at their full (global) shapes into plain CPU tensors."""
+    metadata = dcp_reader(store, store.root).read_metadata()
+    state: dict[str, torch.Tensor] = {}
+    for key, meta in metadata.state_dict_metadata.items():
+        if not key.startswith("model."):
+            continue
+        if isinstance(meta, TensorStorageMetadata):
+            state[key[len("model."):]] = torch.empty(meta.size, dtype=meta.properties.dtype)
+        else:
+            log.warning("export skips the non-tensor entry %s", key)
+    if not state:
+        raise TemperError(f"{store.url(store.root)} holds no model tensors; is it a temper checkpoint?")
+    with quiet_single_process():
+        dcp.load({"model": state}, storage_reader=dcp_reader(store, store.root), no_dist=True)
+    return state
+
+
+def deepspeed_model_weights(path: str) -> dict[str, torch.Tensor]:
+    if is_remote(path):
+        raise TemperError(f"{path}: DeepSpeed checkpoints are read from local or shared paths only")
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    except ImportError:
+        raise MissingDependencyError("deepspeed", feature="exporting a DeepSpeed checkpoint",
+                                     extra="deepspeed") from None
+    local = open_store(path).root
+    return dict(get_fp32_state_dict_from_zero_checkpoint(local, tag=DEEPSPEED_TAG))
+
+
+def _match_model(weights: dict[str, torch.Tensor], *, spec: dict, source: str) -> dict[str, torch.Tensor]:
+    """The bare model's state_dict names and shapes, filled from `weights` (fp32, contiguous,
+    no shared storage: safetensors refuses aliases, e.g. tied embeddings)."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from temper.models import build_model
+    from temper.spec.job import ModelSpec
+
+    try:
+        model_spec = TypeAdapter(ModelSpec).validate_python(spec)
+    except ValidationError as e:
+        raise TemperError(f"model spec for export is invalid: {e.errors()[0]['msg']}; pass model_spec=") from None
+    with torch.device("meta"):
+        model = build_model(model_spec)
+    aliases = _aliases(model)
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, ref in model.state_dict().items():
+        tensor = weights.get(name)
+        if tensor is None:
+            tensor = next((weights[a] for a in aliases.get(name, ()) if a in weights), None)
+        if tensor is None:
+            raise TemperError(f"{source} has no tensor for {name}; was it saved from this model spec?")
+        if tuple(tensor.shape) != tuple(ref.shape):
+            raise TemperError(
+                f"{source}: {name} has shape {tuple(tensor.shape)}, the model spec expects "
+                f"{tuple(ref.shape)}; pass the model_spec the checkpoint was trained with"
+            )
+        tensor = tensor.detach().to(torch.float32 if tensor.is_floating_point() else tensor.dtype)
+        if tensor.untyped_storage().data_ptr() in seen:
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        out[name] = tensor
+    unused = sorted(set(weights) - set(out))
+    if unused:
+        log.warning("export ignores %d checkpoint tensors the model does not have: %s",
+                    len(unused), ", ".join(unused[:5]))
+    return out
+
+
+def _aliases(model: torch.nn.Module) -> dict[str, list[str]]:
+    """state_dict name -> the other names of the same parameter (tied weights)."""
+    by_param: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_param.setdefault(id(p), []).append(name)
+    return {n: [m for m in names if m != n] for names in by_param.values() for n in names}
+
+
+def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise MissingDependencyError("safetensors", feature="checkpoint export") from None
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
