@@ -29,8 +29,8 @@ MODEL = ["model.d_model=256", "model.n_head=4", "model.n_layer=2", "model.vocab_
 
 def _measure(specs: dict[str, str]) -> dict:
     from temper.dist import build_dist_context
-    from temper.spec import spec_from_json
     from temper.runtime.probe import measure_strategy_memory
+    from temper.spec import spec_from_json
 
     ctx = build_dist_context(device="cpu")
     try:

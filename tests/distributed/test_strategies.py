@@ -56,8 +56,8 @@ def _run_all(train_specs: dict[str, str], memory_specs: dict[str, str]) -> dict:
     """On each rank: train every spec, then measure every memory spec, in one process group."""
     from temper.dist import build_dist_context
     from temper.runtime.loop import train
-    from temper.spec import spec_from_json
     from temper.runtime.probe import measure_strategy_memory
+    from temper.spec import spec_from_json
 
     ctx = build_dist_context(device="cpu")
     out: dict = {"train": {}, "memory": {}}

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from temper.errors import TemperError
-from temper.launch import kuberay_manifest as km
-from temper.launch.kuberay import KubeRayTarget
+from temper.launch.submit import kuberay_manifest as km
+from temper.launch.submit.kuberay import KubeRayTarget
 from temper.spec import spec_to_dict, validate_spec
 from tests.fixtures.k8s_api import FakeKubeAPI
 

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from temper.errors import SpecError, TemperError
-from temper.launch import kuberay_manifest as km
-from temper.launch.kuberay import KubeRayTarget, checkpoint_warning, map_state
+from temper.launch.submit import kuberay_manifest as km
+from temper.launch.submit.kuberay import KubeRayTarget, checkpoint_warning, map_state
 from temper.spec import spec_to_dict, validate_spec
 from tests.fixtures.k8s_api import CRDS, rayjob_problems, schema_problems
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from temper.launch import ray_jobs
-from temper.launch.ray_jobs import RayJobsTarget, stage_workdir, submission_id_for
+from temper.launch.submit import ray_jobs
+from temper.launch.submit.ray_jobs import RayJobsTarget, stage_workdir, submission_id_for
 from temper.spec import load_spec
 
 TINY = Path(__file__).resolve().parents[2] / "jobs" / "ci" / "tiny-gpt.yaml"

@@ -1,7 +1,7 @@
 """`temper submit | status | logs | stop | list`: jobs on a cluster (Ray Jobs API or KubeRay).
 
 Registered on the main app with `register(app)`; each command goes through
-`temper.launch.targets.build_target(--to)` and prints TemperErrors as one line (exit 2).
+`temper.launch.submit.build_target(--to)` and prints TemperErrors as one line (exit 2).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def submit(
     follow: FollowOpt = False,
 ) -> None:
     """Send the job to a cluster; print its id, its MLflow run and what to run next."""
-    from temper.launch.targets import build_target
+    from temper.launch.submit import build_target
     from temper.spec import load_spec
 
     if output not in OUTPUTS:
@@ -63,7 +63,7 @@ def submit(
 
 def status(job_id: IdArg, to: ToOpt = None) -> None:
     """The job's state: PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED."""
-    from temper.launch.targets import build_target
+    from temper.launch.submit import build_target
 
     st = build_target(to).status(job_id)
     typer.echo(f"{st.job_id}  {st.state}" + (f"  {st.message}" if st.message else ""))
@@ -73,7 +73,7 @@ def status(job_id: IdArg, to: ToOpt = None) -> None:
 
 def logs(job_id: IdArg, to: ToOpt = None, follow: FollowOpt = False) -> None:
     """Print the job's driver log (rank 0's progress and every worker's errors)."""
-    from temper.launch.targets import build_target
+    from temper.launch.submit import build_target
 
     for chunk in build_target(to).logs(job_id, follow=follow):
         typer.echo(chunk, nl=False)
@@ -81,7 +81,7 @@ def logs(job_id: IdArg, to: ToOpt = None, follow: FollowOpt = False) -> None:
 
 def stop(job_id: IdArg, to: ToOpt = None) -> None:
     """Stop the job (SIGTERM to its driver, which marks the MLflow run KILLED)."""
-    from temper.launch.targets import build_target
+    from temper.launch.submit import build_target
 
     st = build_target(to).stop(job_id)
     typer.echo(f"{st.job_id}  {st.state}" + (f"  {st.message}" if st.message else ""))
@@ -92,7 +92,7 @@ def list_jobs(to: ToOpt = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from temper.launch.targets import build_target
+    from temper.launch.submit import build_target
 
     target = build_target(to)
     table = Table(title=f"jobs on {target.address}")

@@ -10,16 +10,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import signal
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from temper.console import console
 from temper.errors import JobFailedError, TemperError
 from temper.launch.base import Job, Launcher, LaunchResult
+from temper.launch.signals import sigterm_interrupts
 from temper.run_info import RunInfo
 from temper.spec.job import JobSpec
 from temper.spec.loader import spec_to_json
@@ -32,24 +30,6 @@ class JobOutcome:
     result: LaunchResult
     run_id: str | None
     tracking_uri: str | None
-
-
-def build_launcher(name: str, *, address: str | None = None) -> Launcher:
-    if name == "ray":
-        from temper.launch.ray_launcher import RayLauncher
-
-        return RayLauncher(address=address)
-    if address:
-        raise TemperError(f"--address only applies to --launcher ray, not --launcher {name}")
-    if name == "torchrun":
-        from temper.launch.torchrun import TorchrunLauncher
-
-        return TorchrunLauncher()
-    if name == "inprocess":
-        from temper.launch.inprocess import InProcessLauncher
-
-        return InProcessLauncher()
-    raise TemperError(f"--launcher {name!r} is not known; accepted: ray, torchrun, inprocess")
 
 
 def run_job(spec: JobSpec, *, launcher: Launcher, workdir: Path, resume: str | None = None,
@@ -119,26 +99,6 @@ def _data_tags(spec: JobSpec) -> dict[str, str]:
     from temper.launch.lifecycle import data_manifest_tags
 
     return data_manifest_tags(spec.data.model_dump(mode="json"))
-
-
-@contextlib.contextmanager
-def sigterm_interrupts():
-    """SIGTERM (`temper stop`, Ray's stop_job, a pod deleted) stops the job like Ctrl-C: the
-    run is marked KILLED and the workers are stopped. Main thread only (signal rule). Ray's
-    driver installs its own SIGTERM handler (exit) in ray.init: the ray launcher enters this
-    again once Ray is up."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def on_sigterm(signum, frame) -> None:
-        raise KeyboardInterrupt("stopped by SIGTERM (temper stop, or the cluster)")
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 class _Tracking:

@@ -119,12 +119,12 @@ def _init_source(stage: StageSpec, stage_runs: dict[str, str]) -> str | None:
 def _open_parent(pipeline: PipelineSpec, *, path: Path, spec, workdir: Path):
     from mlflow import MlflowClient
 
-    from temper.tracking.runs import _ensure_experiment, check_reachable, resolve_tracking_uri
+    from temper.tracking.runs import check_reachable, ensure_experiment, resolve_tracking_uri
 
     uri = resolve_tracking_uri(spec.tracking.uri, workdir=workdir)
     check_reachable(uri)
     client = MlflowClient(tracking_uri=uri)
-    experiment_id = _ensure_experiment(client, pipeline.experiment_name, uri=uri, workdir=workdir)
+    experiment_id = ensure_experiment(client, pipeline.experiment_name, uri=uri, workdir=workdir)
     run = client.create_run(experiment_id, run_name=pipeline.name,
                             tags={"temper.pipeline": pipeline.name, "mlflow.source.name": "temper pipeline"})
     client.log_text(run.info.run_id, path.read_text(), "pipeline.yaml")

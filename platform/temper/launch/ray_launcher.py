@@ -18,6 +18,7 @@ from typing import Any
 from temper.console import ProgressDisplay, console
 from temper.errors import JobFailedError, TemperError
 from temper.launch.base import STOP_GRACE_S, Job, Launcher, LaunchResult
+from temper.launch.signals import sigterm_interrupts
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class RayLauncher(Launcher):
     def __init__(self, *, address: str | None = None) -> None:
         self.address = address or os.environ.get("RAY_ADDRESS") or None
         if self.address:
-            _use_token_auth_if_available()  # before any `import ray`: Ray reads it at import
+            use_token_auth_if_available()  # before any `import ray`: Ray reads it at import
         self._started_ray = False
         self._stop = threading.Event()
         self._sink: Any = None
@@ -199,8 +200,6 @@ class RayLauncher(Launcher):
             console.print(f"stopping the workers at their next logging step (up to "
                           f"{STOP_GRACE_S:.0f} s; Ctrl-C again to kill them now)...")
 
-        from temper.launch.driver import sigterm_interrupts
-
         thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
         previous = signal.signal(signal.SIGINT, on_sigint)
         try:
@@ -254,14 +253,15 @@ class RayLauncher(Launcher):
             ray.shutdown()
 
 
-def _use_token_auth_if_available() -> None:
+def use_token_auth_if_available() -> None:
     """Join with token auth when a Ray token is at hand, as `ray start` itself decides.
 
     Ray 2.5x+ enables token authentication on clusters started where a token exists
     (~/.ray/auth_token, $RAY_AUTH_TOKEN or $RAY_AUTH_TOKEN_PATH), but a driver joining with
     `address=` does not apply that rule and is refused. A token-mode client still joins a
     cluster without authentication, so this is safe either way. An explicit
-    $RAY_AUTH_MODE is always respected.
+    $RAY_AUTH_MODE is always respected. The Ray Jobs client (launch/submit/ray_jobs.py) calls
+    it too.
     """
     if "RAY_AUTH_MODE" in os.environ:
         return

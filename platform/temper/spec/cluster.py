@@ -1,6 +1,6 @@
 """The `cluster:` section: how `temper submit --to k8s` shapes the KubeRay RayJob.
 
-Only `temper submit --to k8s[://NAMESPACE]` reads it (launch/kuberay_manifest.py turns it
+Only `temper submit --to k8s[://NAMESPACE]` reads it (launch/submit/kuberay_manifest.py turns it
 into a ray.io/v1 RayJob); `temper run` and `--to http://HEAD:8265` ignore it. Fields left
 at null are derived from `resources:` when the manifest is built (one Ray worker pod per
 Temper worker, each with the worker's CPUs and GPUs).

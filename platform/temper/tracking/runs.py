@@ -75,14 +75,14 @@ def start_run(spec: JobSpec, *, launcher: str, workdir: Path, extra_tags: dict[s
     uri = resolve_tracking_uri(spec.tracking.uri, workdir=workdir)
     check_reachable(uri)
     client = MlflowClient(tracking_uri=uri)
-    experiment_id = _ensure_experiment(client, spec.tracking.experiment, uri=uri, workdir=workdir)
+    experiment_id = ensure_experiment(client, spec.tracking.experiment, uri=uri, workdir=workdir)
     run = client.create_run(experiment_id, run_name=spec.name,
                             tags={**_run_tags(spec, launcher=launcher, workdir=workdir), **(extra_tags or {})})
     run_id = run.info.run_id
     ui_url = f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}" if is_http_uri(uri) else None
     handle = RunHandle(run_id=run_id, experiment_id=experiment_id, tracking_uri=uri, ui_url=ui_url)
     try:
-        params = [Param(k, _fit_param(k, v)) for k, v in flatten(spec_to_dict(spec)).items()]
+        params = [Param(k, fit_param_value(k, v)) for k, v in flatten(spec_to_dict(spec)).items()]
         for i in range(0, len(params), PARAMS_PER_BATCH):
             client.log_batch(run_id, params=params[i:i + PARAMS_PER_BATCH], synchronous=True)
         client.log_text(run_id, spec_to_yaml(spec), "spec.yaml")
@@ -200,7 +200,7 @@ def check_reachable(uri: str, *, timeout_s: float = REACH_TIMEOUT_S) -> None:
         )
 
 
-def _ensure_experiment(client: Any, name: str, *, uri: str, workdir: Path) -> str:
+def ensure_experiment(client: Any, name: str, *, uri: str, workdir: Path) -> str:
     """The experiment's id, created when missing (local sqlite: artifacts under workdir)."""
     from mlflow.exceptions import MlflowException
 
@@ -264,7 +264,8 @@ def _user() -> str:
         return os.environ.get("USER", "unknown")
 
 
-def _fit_param(key: str, value: str) -> str:
+def fit_param_value(key: str, value: str) -> str:
+    """A param value MLflow accepts: cut to MAX_PARAM_VALUE_CHARS, with a warning, when longer."""
     if len(value) <= MAX_PARAM_VALUE_CHARS:
         return value
     log.warning("param %s is %d characters; MLflow keeps at most %d, truncating (spec.yaml "

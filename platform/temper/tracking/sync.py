@@ -63,7 +63,7 @@ def _create_run(spool: Spool, *, meta: dict, uri: str) -> str:
     from mlflow.entities import Param
 
     from temper.spec.loader import flatten, spec_to_dict
-    from temper.tracking.runs import PARAMS_PER_BATCH, _fit_param
+    from temper.tracking.runs import PARAMS_PER_BATCH, fit_param_value
 
     client = MlflowClient(tracking_uri=uri)
     name = meta.get("experiment") or "temper"
@@ -78,7 +78,7 @@ def _create_run(spool: Spool, *, meta: dict, uri: str) -> str:
         from temper.spec.loader import load_spec
 
         spec = load_spec(spec_file, [])
-        params = [Param(k, _fit_param(k, v)) for k, v in flatten(spec_to_dict(spec)).items()]
+        params = [Param(k, fit_param_value(k, v)) for k, v in flatten(spec_to_dict(spec)).items()]
         for i in range(0, len(params), PARAMS_PER_BATCH):
             client.log_batch(run_id, params=params[i:i + PARAMS_PER_BATCH], synchronous=True)
         client.log_artifact(run_id, str(spec_file))

@@ -27,7 +27,7 @@ from typing import Any
 
 from temper.console import console
 from temper.errors import TemperError
-from temper.launch.targets import (
+from temper.launch.submit.base import (
     SPEC_FILE,
     STATES,
     JobStatus,
@@ -60,6 +60,11 @@ class RayJobsTarget:
     def __init__(self, address: str) -> None:
         self.address = address.rstrip("/")
         self._client_obj: Any = None
+
+    @classmethod
+    def from_address(cls, address: str) -> RayJobsTarget:
+        """An http(s) address: the head's dashboard (build_target checked the scheme)."""
+        return cls(address)
 
     # ------------------------------------------------------------------ submit
 
@@ -169,9 +174,9 @@ class RayJobsTarget:
 
     def _client(self):
         if self._client_obj is None:
-            from temper.launch.ray_launcher import _use_token_auth_if_available
+            from temper.launch.ray_launcher import use_token_auth_if_available
 
-            _use_token_auth_if_available()  # a token-auth cluster refuses requests without it
+            use_token_auth_if_available()  # a token-auth cluster refuses requests without it
             from ray.job_submission import JobSubmissionClient
 
             for name in ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk",

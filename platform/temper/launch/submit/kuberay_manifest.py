@@ -20,7 +20,7 @@ from importlib import metadata
 from typing import Any
 
 from temper.errors import TemperError
-from temper.launch.targets import SPEC_FILE, entrypoint
+from temper.launch.submit.base import SPEC_FILE, entrypoint
 from temper.spec.job import JobSpec
 from temper.spec.loader import spec_to_yaml
 

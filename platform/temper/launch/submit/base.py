@@ -1,9 +1,7 @@
-"""Where `temper submit` sends a job: a Ray cluster's Job Submission API, or Kubernetes.
+"""What every `temper submit` target shares: the SubmitTarget interface, its results
+(Submission, JobStatus, STATES), the cluster entrypoint and the submitter's MLflow run.
 
-    temper submit JOB.yaml --to http://HEAD:8265   -> RayJobsTarget   (launch/ray_jobs.py)
-    temper submit JOB.yaml --to k8s[://NAMESPACE]  -> KubeRayTarget   (launch/kuberay.py)
-
-Both run the same entrypoint on the cluster: `temper run <spec> --run-id <id>`, where the
+Both targets run the same entrypoint on the cluster: `temper run <spec> --run-id <id>`, where the
 spec is the resolved spec written as YAML next to the job and <id> is the MLflow run the
 submitter created (so `submit` can print its link). A retried job (Ray Jobs resubmission,
 a RayJob's backoffLimit) runs the same entrypoint again: `--run-id` reopens that run and
@@ -53,6 +51,11 @@ class SubmitTarget(Protocol):
 
     address: str
 
+    @classmethod
+    def from_address(cls, address: str) -> SubmitTarget:
+        """The target for a `--to` address of its kind (build_target picks the kind)."""
+        ...
+
     def submit(self, spec: JobSpec, *, workdir: Path, run_id: str | None,
                dry_run: bool = False) -> Submission: ...
 
@@ -63,26 +66,6 @@ class SubmitTarget(Protocol):
     def stop(self, job_id: str) -> JobStatus: ...
 
     def list(self) -> list[JobStatus]: ...
-
-
-def build_target(address: str | None) -> SubmitTarget:
-    """`--to` (else $TEMPER_CLUSTER, else $RAY_ADDRESS when it is an http address)."""
-    import os
-
-    address = (address or os.environ.get("TEMPER_CLUSTER") or os.environ.get("RAY_ADDRESS") or "").strip()
-    if not address:
-        raise TemperError("no cluster given: pass --to http://HEAD:8265 (Ray) or --to k8s[://NAMESPACE], "
-                          "or set TEMPER_CLUSTER")
-    if address == "k8s" or address.startswith("k8s://"):
-        from temper.launch.kuberay import KubeRayTarget
-
-        return KubeRayTarget.from_address(address)
-    if address.startswith(("http://", "https://")):
-        from temper.launch.ray_jobs import RayJobsTarget
-
-        return RayJobsTarget(address)
-    raise TemperError(f"--to {address!r} is not a cluster address; accepted: http(s)://HEAD:8265 "
-                      "(a Ray dashboard / Jobs API), k8s or k8s://NAMESPACE")
 
 
 def entrypoint(*, spec_file: str = SPEC_FILE, run_id: str | None) -> str:

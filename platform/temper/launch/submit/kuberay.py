@@ -2,7 +2,7 @@
 
     submit  -> (MLflow run, when its server is reachable from here) + RayJob + ConfigMap
                `<job>-spec` (owned by the RayJob, so deleting the RayJob deletes it)
-    status  -> RayJob .status.jobDeploymentStatus / .jobStatus mapped onto targets.STATES
+    status  -> RayJob .status.jobDeploymentStatus / .jobStatus mapped onto submit.base.STATES
     logs    -> the submitter pod's log (it follows the Ray job's driver), else the head's
     stop    -> deletes the RayJob (its Ray cluster, pods and ConfigMap go with it)
     list    -> RayJobs labelled app.kubernetes.io/managed-by=temper
@@ -10,7 +10,7 @@
 Credentials: the kubeconfig ($KUBECONFIG, ~/.kube/config) or, inside a pod, its
 ServiceAccount. The namespace is k8s://NAMESPACE, else the kubeconfig context's, else
 "default". Needs exactly the temper-submitter Role (docs/cluster.md). The manifest
-itself is built by temper.launch.kuberay_manifest (pure, no I/O).
+itself is built by temper.launch.submit.kuberay_manifest (pure, no I/O).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from urllib.parse import urlparse
 
 from temper.console import console
 from temper.errors import MissingDependencyError, TemperError
-from temper.launch import kuberay_manifest as km
-from temper.launch.targets import JobStatus, Submission, open_submission_run
+from temper.launch.submit import kuberay_manifest as km
+from temper.launch.submit.base import JobStatus, Submission, open_submission_run
 from temper.spec.job import JobSpec
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ _NAMESPACE_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")
 
 
 def map_state(status: dict[str, Any]) -> tuple[str, str]:
-    """(one of targets.STATES, message) from a RayJob's .status."""
+    """(one of submit.base.STATES, message) from a RayJob's .status."""
     deployment = status.get("jobDeploymentStatus") or ""
     job = status.get("jobStatus") or ""
     message = " ".join(x for x in (status.get("reason"), status.get("message")) if x)
