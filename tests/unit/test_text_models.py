@@ -13,7 +13,7 @@ from torch import nn
 
 from temper.data.manifest import Manifest
 from temper.data.pack import pack
-from temper.data.pack_sources import STDLIB_PACKAGES
+from temper.data.pack.pystdlib_packages import STDLIB_PACKAGES
 from temper.errors import TemperError
 from temper.models import Encoder, Recurrent, build_model
 from temper.models.init import apply_deterministic_init, materialize

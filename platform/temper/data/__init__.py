@@ -13,14 +13,10 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from temper.data.base import DataBundle
+from temper.data.base import DataBundle, Note
 from temper.data.synthetic import build_synthetic_data
 from temper.errors import TemperError
 from temper.spec.job import JobSpec
-
-
-class Note(str):
-    """A preflight message that informs (`data.subset keeps 70 of 1400 ...`) rather than warns."""
 
 
 def _webdataset(spec: JobSpec, *, rank: int, world_size: int):

@@ -4,6 +4,9 @@ Epoch e shuffles range(N) with a generator seeded from (seed, e); rank r of W ta
 perm[r::W], cut to the same number of full micro-batches b on every rank (uneven counts
 would hang DDP). Micro-batch k of rank r is perm[r::W][k*b:(k+1)*b], so the union over
 ranks at step k is perm[k*b*W:(k+1)*b*W]: a function of (seed, step, W, b) only.
+
+`Note` marks a preflight message as information rather than a warning (data kinds return
+both from their preflight; the driver prints them differently).
 """
 
 from __future__ import annotations
@@ -18,6 +21,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from temper.errors import TemperError
 
 log = logging.getLogger(__name__)
+
+
+class Note(str):
+    """A preflight message that informs (`data.subset keeps 70 of 1400 ...`) rather than warns."""
 
 
 def derive_seed(*parts: object) -> int:

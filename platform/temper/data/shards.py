@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from temper.data import io
 from temper.data.manifest import MANIFEST_NAME, Manifest
+from temper.data.tario import count_samples
 from temper.errors import TemperError
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,6 @@ def _counted(source: str, urls: list[str], *, options: io.IOOptions, field: str)
         "%s has no manifest.json: reading all %d shard(s) once to count samples; "
         "`temper data pack` writes a manifest that makes this instant", source, len(urls),
     )
-    from temper.data.stream import count_samples
 
     def count(url: str) -> int:
         try:

@@ -3,11 +3,11 @@
 One torch DataLoader per training run streams `ShardStream`: its worker w computes each
 epoch's plan (temper.data.plan: the same on every rank, equal batch counts) and reads exactly
 `plan.for_rank(rank)[w]`: the planned sample ranges of each shard, in order, through
-webdataset's tar iterator over `temper.data.io.open_url` (local, http(s), s3); under
-`data.subset` the plan's offsets index each shard's kept samples (temper.data.subset). The worker
-delivers its reads through its shuffle window, decodes them, applies the optional transform,
-and collates whole batches; the DataLoader interleaves workers round-robin, the order the
-plan's resume arithmetic assumes.
+webdataset's tar iterator (temper.data.tario) over `temper.data.io.open_url` (local, http(s),
+s3); under `data.subset` the plan's offsets index each shard's kept samples (temper.data.subset).
+The worker delivers its reads through its shuffle window, decodes them, applies the optional
+transform, and collates whole batches; the DataLoader interleaves workers round-robin, the
+order the plan's resume arithmetic assumes.
 
 Corrupt data (a field that does not decode, a sample missing from a truncated shard) follows
 `data.on_error`: `fail` raises an error naming the shard and the sample key; `skip` logs a
@@ -33,6 +33,7 @@ from temper.data.decode import DecodeError, Decoder
 from temper.data.plan import EpochPlan, ReadSegment, ShardSlice, WorkerPlan, build_epoch_plan
 from temper.data.shards import ShardSet
 from temper.data.subset import Subset
+from temper.data.tario import tar_samples
 from temper.errors import TemperError
 
 log = logging.getLogger(__name__)
@@ -54,24 +55,6 @@ class Bad:
         )
 
 
-def _tar_samples(stream: Any, url: str) -> Iterator[dict[str, Any]]:
-    """The samples of one tar stream, through webdataset's own tar iterator and grouping."""
-    from webdataset.tariterators import group_by_keys, tar_file_expander
-
-    return group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
-
-
-def count_samples(url: str, *, options: io.IOOptions) -> int:
-    """Samples in one shard, by reading it through (for shard lists without a manifest)."""
-    try:
-        with io.open_url(url, options=options) as stream:
-            return sum(1 for _ in _tar_samples(stream, url))
-    except TemperError:
-        raise
-    except Exception as e:  # noqa: BLE001 - tarfile/network errors
-        raise TemperError(f"data: {url} is not a readable tar shard ({type(e).__name__}: {e}); re-pack it") from e
-
-
 def read_slice(shards: ShardSet, piece: ShardSlice, *, options: io.IOOptions,
                subset: Subset | None = None) -> Iterator[dict[str, Any] | Bad]:
     """Exactly len(piece) items: the raw samples at offsets start..stop-1 of the shard (with a
@@ -85,7 +68,7 @@ def read_slice(shards: ShardSet, piece: ShardSlice, *, options: io.IOOptions,
     offset, got, reason = 0, 0, None
     try:
         with io.open_url(url, options=options, size=shards.nbytes[shard]) as stream:
-            for sample in _tar_samples(stream, url):
+            for sample in tar_samples(stream, url):
                 if got == len(wanted):
                     break
                 if offset == wanted[got]:

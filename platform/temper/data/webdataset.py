@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from temper.data import Note, io
+from temper.data import io
+from temper.data.base import Note
 from temper.data.decode import Decoder, array_shape, resolve_fields
 from temper.data.plan import eval_reads, resume_arguments
 from temper.data.shards import ShardSet, check_shards, resolve_shards

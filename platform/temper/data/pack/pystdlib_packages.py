@@ -1,10 +1,8 @@
-"""Pack sources kept out of temper.data.pack for its length: `pystdlib-packages`.
-
-`pystdlib-packages` [built-in]: sequence classification over the Python standard library:
-"which top-level stdlib package does this code come from". Each .py file of the packages in
-STDLIB_PACKAGES (test folders skipped, as `pystdlib` does) is tokenized and cut into
-non-overlapping windows of seq_len + 1 tokens that never cross files (a file's tail shorter
-than a window is dropped); label `cls` is the package's index in STDLIB_PACKAGES.
+"""`--format pystdlib-packages` [built-in]: sequence classification over the Python standard
+library: "which top-level stdlib package does this code come from". Each .py file of the
+packages in STDLIB_PACKAGES (test folders skipped, as `pystdlib` does) is tokenized and cut
+into non-overlapping windows of seq_len + 1 tokens that never cross files (a file's tail
+shorter than a window is dropped); label `cls` is the package's index in STDLIB_PACKAGES.
 
 The held-out split is by file: per package, files are visited in a seeded order and put in
 eval while that keeps its eval windows within EVAL_SHARE of the package's (at least one file);
@@ -16,14 +14,13 @@ class). The manifests record `classes`, `class_counts`, `split` and the split's 
 
 from __future__ import annotations
 
-import sys
-import sysconfig
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from temper.data.pack import STDLIB_SKIP_DIRS, PackOptions, Source, _expect_builtin
+from temper.data.pack.pystdlib import stdlib_description, stdlib_files, stdlib_root
+from temper.data.pack.source import PackOptions, Source, expect_builtin
 from temper.errors import TemperError
 
 #: The classes, in label order: large Python 3.11 packages, their test folders skipped.
@@ -39,7 +36,7 @@ def _package_files(root: Path, package: str) -> list[Path]:
             f"SOURCE pystdlib-packages: this Python's standard library ({root}) has no package '{package}'; "
             f"run with Python 3.11 (distutils and lib2to3 are gone from 3.12/3.13)"
         )
-    return sorted(p for p in folder.rglob("*.py") if not STDLIB_SKIP_DIRS & set(p.relative_to(root).parts[:-1]))
+    return stdlib_files(root, folder)
 
 
 def _windows(path: Path, opts: PackOptions, dtype: type) -> np.ndarray:
@@ -67,12 +64,12 @@ def _split_files(windows: dict[str, np.ndarray], *, rng: np.random.Generator) ->
     return held
 
 
-def pystdlib_packages(source: str, opts: PackOptions) -> Source:
+def open_pystdlib_packages(source: str, opts: PackOptions) -> Source:
     """The `pystdlib-packages` source: one Source per split in `splits` (train, eval)."""
-    _expect_builtin(source, "pystdlib-packages")
+    expect_builtin(source, "pystdlib-packages")
     tok = opts.tokenizer
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.int32
-    root = Path(sysconfig.get_paths()["stdlib"])
+    root = stdlib_root()
     rng = np.random.default_rng(opts.seed)
     per_split: dict[str, list[tuple[list[str], np.ndarray]]] = {s: [] for s in SPLITS}
     for package in STDLIB_PACKAGES:
@@ -82,8 +79,7 @@ def pystdlib_packages(source: str, opts: PackOptions) -> Source:
             files = sorted(n for n in windows if len(windows[n]) and (n in held) == (split == "eval"))
             rows = np.concatenate([windows[n] for n in files]) if files else np.zeros((0, opts.seq_len + 1), dtype)
             per_split[split].append((files, rows))
-    version = ".".join(map(str, sys.version_info[:3]))
-    description = f"pystdlib-packages (Python {version} standard library, {root})"
+    description = stdlib_description("pystdlib-packages", root)
     splits = {split: _split_source(split, per_split[split], opts=opts, rng=rng, description=description)
               for split in SPLITS}
     return Source("pystdlib-packages", description, [], splits=splits)
