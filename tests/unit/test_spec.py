@@ -94,6 +94,74 @@ def test_override_does_not_mutate_input() -> None:
     assert touched == {"train.max_steps"}
 
 
+WEBDATASET = {"name": "wds", "model": {"kind": "gpt", "flavor": "tiny"},
+              "data": {"kind": "webdataset", "train": "/shards/train", "eval": "/shards/eval"}}
+
+
+@pytest.mark.parametrize("null", ["null", "~", "NULL", "Null"])
+def test_set_null_clears_an_optional_string_key(tmp_path: Path, null: str) -> None:
+    path = write(tmp_path, WEBDATASET)
+    spec = load_spec(path, [f"data.eval={null}"])
+    assert spec.data.eval is None  # was the folder "null"
+    assert spec_to_dict(spec)["data"]["eval"] is None
+
+
+def test_set_null_clears_optional_sections_and_keys_with_a_default(tmp_path: Path) -> None:
+    path = write(tmp_path, {**WEBDATASET, "init_from": "/ckpt/run-1", "checkpoint": {"dir": "/ckpt"}})
+    assert load_spec(path).init_from.source == "/ckpt/run-1"
+    spec = load_spec(path, ["init_from=null", "checkpoint.dir=null", "optim.grad_clip=null",
+                            "cluster.image_pull_policy=null", "objective=null"])
+    assert spec.init_from is None and spec.checkpoint.dir is None
+    assert spec.optim.grad_clip is None  # null, not back to the default 1.0
+    assert spec.cluster.image_pull_policy is None
+    assert spec.objective.kind == "causal_lm"  # null objective: the model's natural one
+
+
+def test_quoted_null_stays_text(tmp_path: Path) -> None:
+    path = write(tmp_path, WEBDATASET)
+    spec = load_spec(path, ['data.eval="null"', "tracking.experiment='~'", 'name="null"',
+                            'tracking.uri=x"y"'])
+    assert spec.data.eval == "null" and spec.tracking.experiment == "~" and spec.name == "null"
+    assert spec.tracking.uri == 'x"y"'  # only a wholly quoted value loses its quotes
+    assert load_spec(path, ["init_from='null'"]).init_from.source == "null"
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.max_steps=null",
+         "--set train.max_steps=null: train.max_steps cannot be null (it is not optional); "
+         "give an integer (default 100)"),
+        ("train.precision=~",
+         "--set train.precision=~: train.precision cannot be null (it is not optional); "
+         "give one of 'fp32', 'bf16' (default 'fp32')"),
+        ("name=null", "--set name=null: name cannot be null (it is required); give a string"),
+        ("strategy=null",
+         "--set strategy=null: strategy cannot be null (it is not optional); "
+         "give a section (kind: ddp, fsdp, deepspeed)"),
+    ],
+)
+def test_set_null_on_a_key_that_cannot_be_null_is_one_line(override: str, expected: str) -> None:
+    assert problems(QUICKSTART, [override]) == [expected]
+
+
+def test_set_null_on_an_unknown_key_still_says_unknown_key() -> None:
+    assert problems(QUICKSTART, ["data.eval=null"]) == [
+        "--set: data.eval: unknown key; accepted: eval_samples, kind, noise, num_samples, num_workers"]
+
+
+def test_validate_print_shows_the_cleared_key(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from temper.cli import main
+
+    path = str(write(tmp_path, WEBDATASET))
+    assert main(["validate", path, "--set", "data.eval=null", "--print"]) == 0
+    assert "\n  eval: null\n" in capsys.readouterr().out
+    assert main(["validate", path, "--set", "train.max_steps=null"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --set train.max_steps=null: train.max_steps cannot be null (it is not optional); "
+        "give an integer (default 100)")
+
+
 def test_spec_round_trips_through_json_and_hash_is_stable() -> None:
     spec = load_spec(QUICKSTART)
     again = spec_from_json(spec_to_json(spec))

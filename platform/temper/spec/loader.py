@@ -195,12 +195,78 @@ def _is_text(annotation: Any) -> bool:
     return False
 
 
+#: What YAML reads as null (besides an empty value); `--set KEY=null` means the same for every key.
+NULL_SPELLINGS = frozenset({"null", "Null", "NULL", "~"})
+
+
+def _admits_none(annotation: Any) -> bool:
+    """Whether a field annotated `annotation` accepts None (Optional[...], `X | None`, Any)."""
+    if annotation is Any or annotation is type(None):
+        return True
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _admits_none(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        return any(_admits_none(a) for a in typing.get_args(annotation))
+    return False
+
+
+def _text_value(raw: str) -> str:
+    """A string field's override: the raw text, unless it is one quoted YAML scalar
+    (`"null"`, `'~'`), which gives the text inside the quotes."""
+    stripped = raw.strip()
+    if len(stripped) >= 2 and stripped[0] == stripped[-1] and stripped[0] in "'\"":
+        try:
+            value = yaml.safe_load(stripped)
+        except yaml.YAMLError:
+            return raw
+        if isinstance(value, str):
+            return value
+    return raw
+
+
+def _expected(annotation: Any) -> str:
+    """A few words for what a field accepts (for the `cannot be null` message)."""
+    ann = _unwrap(annotation)
+    if typing.get_origin(ann) is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(ann))
+    if typing.get_origin(ann) in (typing.Union, types.UnionType):
+        kinds: list[str] = []
+        for cls in _union_members(ann).values():  # every tag, e.g. both of `kind: lstm | gru`
+            tags = typing.get_args(_unwrap(cls.model_fields["kind"].annotation))
+            kinds += [t for t in tags if t not in kinds]
+        return f"a section (kind: {', '.join(kinds)})" if kinds else "a value"
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return "a section"
+    words = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+             tuple: "a list", list: "a list", dict: "a mapping"}
+    return words.get(typing.get_origin(ann) or ann, "a value")
+
+
+def _null_problem(key: str, raw: str, owner: type[BaseModel] | None, annotation: Any) -> str | None:
+    """Why `--set KEY=null` cannot apply to this field, or None when it can (or the key is
+    unknown here: validation then reports it like any other value)."""
+    field = owner.model_fields.get(key.rsplit(".", 1)[-1]) if owner else None
+    if field is None or annotation is None or _admits_none(annotation):
+        return None
+    head = f"--set {key}={raw}: {key} cannot be null"
+    if field.is_required():
+        return f"{head} (it is required); give {_expected(annotation)}"
+    default = field.get_default(call_default_factory=True)
+    if isinstance(default, BaseModel):
+        return f"{head} (it is not optional); give {_expected(annotation)}"
+    shown = _short(default) if isinstance(default, str) else json.dumps(default)
+    return f"{head} (it is not optional); give {_expected(annotation)} (default {shown})"
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> tuple[dict[str, Any], set[str]]:
     """Apply `a.b.c=value` overrides to a copy of `data`.
 
-    Values are typed by the schema: a string field keeps the raw text; any other field
-    takes the value parsed as YAML (`1e-3`, `[1, 2]`, `null`, `true`), which pydantic then
-    checks like a value from the file.
+    Values are typed by the schema: `null` (or `~`, `Null`, `NULL`) is null for every key,
+    clearing an optional one and refused for one that cannot be null; otherwise a string
+    field keeps the raw text (a quoted value, `"null"`, gives the text inside the quotes),
+    and any other field takes the value parsed as YAML (`1e-3`, `[1, 2]`, `true`), which
+    pydantic then checks like a value from the file.
     """
     result = json.loads(json.dumps(data))  # deep copy of plain YAML data
     touched: set[str] = set()
@@ -210,14 +276,19 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> tuple[dict[st
         if not sep or not key or any(not part for part in key.split(".")):
             raise SpecError([f"--set {item!r}: expected KEY.PATH=VALUE, e.g. --set optim.lr=1e-3"])
         parts = key.split(".")
-        _, _, annotation = _walk(tuple(parts), result)
-        if _is_text(annotation):
-            value: Any = raw
+        _, owner, annotation = _walk(tuple(parts), result)
+        value: Any
+        if raw.strip() in NULL_SPELLINGS:
+            value = None
+        elif _is_text(annotation):
+            value = _text_value(raw)
         else:
             try:
                 value = yaml.safe_load(raw) if raw.strip() else None
             except yaml.YAMLError:
                 value = raw  # let the schema say what it expected
+        if value is None and (problem := _null_problem(key, raw, owner, annotation)):
+            raise SpecError([problem])
         node = result
         for depth, part in enumerate(parts[:-1]):
             child = node.get(part)
