@@ -45,7 +45,9 @@ class Encoder(TransformerCounts, TaskModel):
         super().__init__()
         self.spec = spec
         kind = getattr(objective, "kind", "mlm")
+        self.objective_kind = kind
         self.use_cls = spec.pool == "cls"
+        self.extra_tokens = int(self.use_cls)  # the blocks see the [CLS] token too
         self.tok_emb = nn.Embedding(spec.vocab_size, spec.d_model)
         self.pos_emb = nn.Embedding(spec.seq_len + int(self.use_cls), spec.d_model)
         if self.use_cls:
@@ -67,6 +69,14 @@ class Encoder(TransformerCounts, TaskModel):
     ) -> None:
         """The GPT-2 scheme (init_gpt2), the [CLS] token included."""
         init_gpt2(name, tensor, n_layer=self.spec.n_layer, generator=generator)
+
+    def head_flops(self) -> int:
+        """mlm: the MLM head (dense d x d, then the tied d x vocab decoder) on every input
+        token (not on [CLS]); classify: the classifier once per sequence, on the pooled state."""
+        head_params = sum(p.numel() for p in self.heads.parameters())  # mlm: the tied decoder too
+        if self.objective_kind == "mlm":
+            return 6 * head_params * self.spec.seq_len
+        return 6 * head_params
 
     def forward(self, tokens: torch.Tensor, head: str = "mlm") -> torch.Tensor:
         x = self.ln_f(self.features(tokens))

@@ -35,26 +35,52 @@ def init_gpt2(name: str, tensor: torch.Tensor, *, n_layer: int, generator: torch
 
 
 class TransformerCounts:
-    """Parameter and FLOP counts shared by the GPT and the encoder (reads tok/pos embeddings
-    and spec.n_layer, d_model, seq_len)."""
+    """Parameter and FLOP counts shared by the GPT and the encoder (reads tok/pos embeddings,
+    `heads`, `objective_kind` and spec.n_layer, d_model, seq_len).
+
+    FLOP convention (the one torch.utils.flop_counter.FlopCounterMode counts, and MFU uses):
+    2 FLOPs per multiply-add of every matmul, training = forward + backward = 3 x forward, so
+    6 x (matmul weights) x (tokens they see); attention's two T x T matmuls per layer
+    (QK^T and AV) counted in full even when causal (FlopCounterMode's SDPA formulas do not
+    discount the mask), 12 x L x d x T^2 per sequence. Embedding lookups, norms, activations,
+    softmax and bias additions are not counted; a tied LM head is a matmul and is counted.
+    """
 
     spec: GPTSpec
     pos_emb: nn.Embedding
+    tok_emb: nn.Embedding
+    heads: nn.ModuleDict
+    objective_kind: str
+    #: Tokens the blocks see in addition to the seq_len inputs (the encoder's [CLS]).
+    extra_tokens: int = 0
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count (tied weights once); non_embedding drops the position embedding."""
         n = sum(p.numel() for p in self.parameters())
         return n - self.pos_emb.weight.numel() if non_embedding else n
 
-    def flops_per_token(self) -> int:
-        """Training FLOPs per token (PaLM / nanoGPT estimate_mfu): 6N + 12 * L * d * T. The
-        encoder's attention is full rather than causal; the estimate counts the same matmuls."""
-        s = self.spec
-        return 6 * self.num_params() + 12 * s.n_layer * s.d_model * s.seq_len
+    def block_params(self) -> int:
+        """Parameters every token's state passes through as matmul weights (blocks, final norm):
+        everything but the embeddings, the [CLS] token, the LM head and `heads`."""
+        skip = ("tok_emb.", "pos_emb.", "cls_token", "head.", "heads.")
+        return sum(p.numel() for name, p in self.named_parameters() if not name.startswith(skip))
+
+    def head_flops(self) -> int:
+        """Training FLOPs of the output head for one sample (the model's own rule)."""
+        raise NotImplementedError
 
     def train_flops_per_sample(self) -> int:
-        """Training FLOPs (forward + backward) for one sequence of seq_len tokens."""
-        return self.flops_per_token() * self.spec.seq_len
+        """Training FLOPs (forward + backward) for one sequence of seq_len tokens: the blocks
+        over every token (6 x block_params x T + 12 x L x d x T^2) plus the head the objective
+        runs (head_flops)."""
+        s = self.spec
+        t = s.seq_len + self.extra_tokens
+        return 6 * self.block_params() * t + 12 * s.n_layer * s.d_model * t * t + self.head_flops()
+
+    def flops_per_token(self) -> int:
+        """train_flops_per_sample spread over the sample's seq_len tokens (rounded). For a tied
+        causal LM this is the PaLM / nanoGPT estimate_mfu figure, 6N + 12 * L * d * T."""
+        return round(self.train_flops_per_sample() / self.spec.seq_len)
 
 
 class CausalSelfAttention(nn.Module):
@@ -131,6 +157,7 @@ class GPT(TransformerCounts, TaskModel):
         super().__init__()
         self.spec = spec
         kind = getattr(objective, "kind", "causal_lm")
+        self.objective_kind = kind
         self.tok_emb = nn.Embedding(spec.vocab_size, spec.d_model)
         self.pos_emb = nn.Embedding(spec.seq_len, spec.d_model)
         self.drop = nn.Dropout(spec.dropout)
@@ -151,6 +178,13 @@ class GPT(TransformerCounts, TaskModel):
     ) -> None:
         """The GPT-2 scheme (init_gpt2)."""
         init_gpt2(name, tensor, n_layer=self.spec.n_layer, generator=generator)
+
+    def head_flops(self) -> int:
+        """causal_lm: the LM head (a d_model x vocab matmul, tied or not) on every token;
+        classify: the classifier on the last token only (the LM head does not run)."""
+        if self.objective_kind == "causal_lm":
+            return 6 * self.spec.d_model * self.spec.vocab_size * self.spec.seq_len
+        return 6 * sum(p.numel() for p in self.heads.parameters())
 
     def forward(self, tokens: torch.Tensor, head: str = "lm") -> torch.Tensor:
         x = self.ln_f(self.features(tokens))

@@ -69,7 +69,10 @@ class Recurrent(TaskModel):
         return torch.cat([out[:, -1, :h], out[:, 0, h:]], dim=-1)
 
     def train_flops_per_sample(self) -> int:
-        """Training FLOPs for one sequence: 6 x (non-embedding parameters) x seq_len (every RNN
-        weight is one multiply-add per token, forward, and two backward)."""
-        n = sum(p.numel() for name, p in self.named_parameters() if not name.startswith("tok_emb."))
-        return 6 * n * self.spec.seq_len
+        """Training FLOPs for one sequence, in FlopCounterMode's convention (2 per multiply-add,
+        backward = 2 x forward): 6 x (RNN parameters) x seq_len (every gate weight is one
+        multiply-add per token and direction) plus 6 x (classifier parameters), applied once
+        per sequence. The embedding lookup is not counted."""
+        rnn = sum(p.numel() for p in self.rnn.parameters())
+        head = sum(p.numel() for p in self.heads.parameters())
+        return 6 * rnn * self.spec.seq_len + 6 * head

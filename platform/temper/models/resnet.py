@@ -168,15 +168,19 @@ class ResNet(TaskModel):
         return torch.flatten(self.pool(x), 1)
 
     def forward_flops_per_sample(self) -> int:
-        """2 x MACs of every conv and linear layer for one image (cached; BN, ReLU, pooling
-        and additions are not counted)."""
+        """2 x MACs of every conv and linear layer for one image, the head the objective uses
+        included (cached; BN, ReLU, pooling and additions are not counted)."""
         if self._forward_flops is None:
-            self._forward_flops = 2 * forward_macs(self.spec)
+            backbone = forward_macs(self.spec) - self.width * self.spec.num_classes  # without the classifier
+            head = sum(m.in_features * m.out_features for m in self.heads.modules() if isinstance(m, nn.Linear))
+            self._forward_flops = 2 * (backbone + head)
         return self._forward_flops
 
     def train_flops_per_sample(self) -> int:
-        """Training FLOPs for one image: forward + backward = 3 x forward."""
-        return 3 * self.forward_flops_per_sample()
+        """Training FLOPs for one image: forward + backward = 3 x forward (FlopCounterMode's
+        convention). Under SimCLR a sample is two views, each run forward and backward."""
+        views = 2 if "proj" in self.heads else 1
+        return 3 * views * self.forward_flops_per_sample()
 
 
 def _build_stem(spec: ResNetSpec) -> nn.Sequential:

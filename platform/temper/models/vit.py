@@ -172,10 +172,12 @@ class ViT(TaskModel):
         return {"pred": pred, "mask": mask, "target": patchify(images, self.spec.patch_size)}
 
     def train_flops_per_sample(self) -> int:
-        """Training FLOPs for one image, 6 x (matmul parameters) x (tokens they see) plus the
-        attention scores (12 x layers x width x tokens^2, as GPT's estimate). Encoder tokens:
-        1 + N, or 1 + visible under MAE; the MAE decoder sees 1 + N tokens. LayerNorm, GELU,
-        softmax and embeddings' additions are not counted."""
+        """Training FLOPs for one image (or, under SimCLR, one image's two views), in
+        FlopCounterMode's convention (see TransformerCounts in temper.models.gpt): 6 x (matmul
+        parameters) x (tokens they see) plus the attention scores (12 x layers x width x
+        tokens^2, not causal). Encoder tokens: 1 + N, or 1 + visible under MAE (the patch
+        embedding still runs on all N patches); the MAE decoder sees 1 + N tokens.
+        LayerNorm, GELU, softmax and embeddings' additions are not counted."""
         s, n = self.spec, self.spec.num_patches
         tokens = 1 + (max(1, n - round(n * self.mask_ratio)) if self.kind == "mae" else n)
         flops = _stack_flops(self.blocks, width=s.d_model, tokens=tokens)
@@ -187,7 +189,8 @@ class ViT(TaskModel):
             flops += 6 * _numel(dec.embed) * tokens + 6 * _numel(dec.pred) * (n + 1)
         else:
             flops += 6 * _numel(self.heads)  # applied once per image
-        return flops
+        # SimCLR runs the model on both views of each sample (the loop counts samples, not views).
+        return 2 * flops if self.kind == "simclr" else flops
 
 
 def _numel(module: nn.Module) -> int:
