@@ -1,6 +1,8 @@
 """Shared fixtures. Real parts are started by the tests themselves, once per session:
 an MLflow server (tests/fixtures/mlflow_server.py), a Ray head (tests/fixtures/ray_cluster.py),
 an HTTP file server and an S3-compatible server for shards (tests/fixtures/shard_servers.py).
+Helpers the test modules share live in tests/fixtures/ too (cli.py: the `temper` CLI and the CI
+job files; shards.py: reading shards as the ranks do); test modules never import each other.
 """
 
 from __future__ import annotations
@@ -8,6 +10,9 @@ from __future__ import annotations
 import os
 
 import pytest
+
+# The helpers' own asserts (e.g. tests.fixtures.shards.take) report like the tests' asserts.
+pytest.register_assert_rewrite("tests.fixtures")
 
 pytest_plugins = [
     "tests.fixtures.mlflow_server", "tests.fixtures.ray_cluster", "tests.fixtures.shard_servers",

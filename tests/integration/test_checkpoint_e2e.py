@@ -10,16 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_run_e2e import TINY_GPT, loss_curve, run_id_of, temper
+from tests.fixtures.cli import TINY_GPT, run_id_of, temper
+from tests.fixtures.mlflow_server import loss_curve
 
 COMMON = ["--set", "train.max_steps=12", "--set", "checkpoint.every_steps=3", "--set", "train.eval_every=0"]
-
-
-@pytest.fixture(scope="module")
-def client(mlflow_server):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=mlflow_server.uri)
 
 
 def test_rerun_resumes_the_same_run_then_export_and_register(tmp_path, mlflow_server, client) -> None:

@@ -12,16 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.integration.test_run_e2e import TINY_GPT, TINY_RESNET, run_id_of, temper
+from tests.fixtures.cli import TINY_GPT, TINY_RESNET, run_id_of, temper
 
 ONE = ["--launcher", "inprocess", "--set", "resources.workers=1"]
-
-
-@pytest.fixture(scope="module")
-def client(mlflow_server):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=mlflow_server.uri)
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.cli import TINY_GPT, submitted
+from tests.fixtures.cli import temper_to_cluster as temper
 from tests.fixtures.mlflow_server import MlflowServer
 from tests.fixtures.ray_jobs import two_nodes
-from tests.integration.test_submit_ray import TINY_GPT, submitted, temper
 
 
 @pytest.fixture(scope="module")

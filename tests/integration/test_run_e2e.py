@@ -10,40 +10,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-TEMPER = str(Path(sys.executable).parent / "temper")
-TINY_GPT = str(ROOT / "jobs" / "ci" / "tiny-gpt.yaml")
-TINY_RESNET = str(ROOT / "jobs" / "ci" / "tiny-resnet.yaml")
-
-
-def temper(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None):
-    full_env = {**os.environ, **(env or {})}
-    full_env.pop("RAY_ADDRESS", None)
-    return subprocess.run([TEMPER, *args], cwd=cwd, env=full_env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def run_id_of(output: str) -> str:
-    for line in output.splitlines():
-        if line.startswith("MLflow run "):
-            return line.split()[2]
-    raise AssertionError(f"no MLflow run id in output:\n{output}")
-
-
-def loss_curve(client, run_id: str) -> list[tuple[int, float]]:
-    history = client.get_metric_history(run_id, "train/loss")
-    return sorted((m.step, m.value) for m in history)
-
-
-@pytest.fixture(scope="module")
-def client(mlflow_server):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=mlflow_server.uri)
+from tests.fixtures.cli import ROOT, TEMPER, TINY_GPT, TINY_RESNET, run_id_of, temper
+from tests.fixtures.mlflow_server import loss_curve
 
 
 @pytest.mark.ray

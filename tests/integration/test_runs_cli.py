@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_run_e2e import TINY_GPT, run_id_of, temper
+from tests.fixtures.cli import TINY_GPT, run_id_of, temper
 
 
 @dataclass(frozen=True)
@@ -28,13 +28,6 @@ class Runs:
     b: str  # optim.lr 1e-4
     failed: str
     root: Path
-
-
-@pytest.fixture(scope="module")
-def client(mlflow_server):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=mlflow_server.uri)
 
 
 @pytest.fixture(scope="module")

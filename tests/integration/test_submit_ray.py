@@ -9,34 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-TEMPER = str(Path(sys.executable).parent / "temper")
-TINY_GPT = str(ROOT / "jobs" / "ci" / "tiny-gpt.yaml")
-
-
-def temper(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None):
-    full_env = {**os.environ, **(env or {})}
-    for name in ("RAY_ADDRESS", "TEMPER_CLUSTER", "MLFLOW_TRACKING_URI"):
-        full_env.pop(name, None)
-    return subprocess.run([TEMPER, *args], cwd=cwd, env=full_env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def submitted(proc) -> tuple[str, str]:
-    """The job id and MLflow run id `temper submit` printed."""
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    job = re.search(r"^job (\S+) submitted to ", proc.stderr, re.M)
-    run = re.search(r"^MLflow run ([0-9a-f]{32})", proc.stderr, re.M)
-    assert job and run, proc.stderr
-    return job.group(1), run.group(1)
+from tests.fixtures.cli import TINY_GPT, submitted
+from tests.fixtures.cli import temper_to_cluster as temper
 
 
 def one_error_line(proc) -> str:
@@ -50,13 +28,6 @@ def one_error_line(proc) -> str:
 @pytest.fixture(scope="module")
 def head(ray_jobs_head) -> str:
     return ray_jobs_head.dashboard
-
-
-@pytest.fixture(scope="module")
-def client(mlflow_server):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=mlflow_server.uri)
 
 
 def tiny(mlflow_server, experiment: str, *extra: str) -> list[str]:

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from temper.tracking import MlflowTracker
+from tests.fixtures.cli import TEMPER, TINY_GPT, run_id_of, temper
 from tests.fixtures.mlflow_server import MlflowServer
 from tests.fixtures.recording_proxy import RecordingProxy
-from tests.integration.test_run_e2e import TEMPER, TINY_GPT, run_id_of, temper
 
 LONG = ["--set", "train.max_steps=100000", "--set", "train.log_every=5", "--set", "train.eval_every=0",
         "--set", "tracking.flush_every_s=0.5", "--set", "resources.workers=1"]

@@ -2,7 +2,7 @@
 size, counted by the plan (equal batches, epoch length), resumable mid-epoch, refused on a
 resume with another subset, too small named with the fraction that works; eval untouched.
 
-Ranks are built side by side in this process, as in tests/unit/test_webdataset.py.
+Ranks are built side by side in this process (tests.fixtures.shards), as in tests/unit/test_webdataset.py.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from temper.data.webdataset import preflight
 from temper.errors import TemperError
 from temper.spec.job import JobSpec
 from tests.fixtures.shard_servers import write_shards
-from tests.unit.test_webdataset import _corrupt, ranks, take
+from tests.fixtures.shards import corrupt_sample, ranks, take
 
 SIZES = [120, 7, 0, 95, 60, 18]  # uneven, one empty: 300 samples
 FIRST = [sum(SIZES[:i]) for i in range(len(SIZES))]
@@ -144,9 +144,9 @@ def test_skipped_samples_are_not_decoded(shards, tmp_path):
     kept_one = min(k for k in kept if int(k.rsplit("/", 1)[1]) < 120)
     bad = tmp_path / "bad"
     shutil.copytree(shards, bad)
-    _corrupt(bad, "toy-000000.tar", unkept)
+    corrupt_sample(bad, "toy-000000.tar", unkept)
     assert len(epoch_keys(job(str(bad), workers=1, remainder="pad"))[0]) == 60  # on_error=fail: never decoded
-    _corrupt(bad, "toy-000000.tar", kept_one)
+    corrupt_sample(bad, "toy-000000.tar", kept_one)
     with pytest.raises(TemperError, match=rf"sample {kept_one}: field 'tokens.npy' cannot be decoded"):
         epoch_keys(job(str(bad), workers=1, remainder="pad"))
 

@@ -8,12 +8,9 @@ world are built side by side in this process (the 2-rank DDP run is tests/distri
 
 from __future__ import annotations
 
-import io
 import logging
 import shutil
-import tarfile
 from collections import Counter
-from itertools import islice
 from pathlib import Path
 
 import pytest
@@ -22,6 +19,7 @@ from temper.data.webdataset import ShardedData, build_webdataset_data, preflight
 from temper.errors import TemperError
 from temper.spec.job import JobSpec
 from tests.fixtures.shard_servers import HttpShardServer, write_shards
+from tests.fixtures.shards import corrupt_sample, ranks, take
 
 SIZES = [37, 5, 61, 0, 23, 14]  # uneven, one empty: 140 samples
 TOTAL = sum(SIZES)
@@ -36,24 +34,6 @@ def job(train: str, *, workers: int = 2, batch: int = 4, **data) -> JobSpec:
         "resources": {"workers": workers},
         "tracking": {"enabled": False},
     })
-
-
-def ranks(spec: JobSpec) -> list[ShardedData]:
-    w = spec.resources.workers
-    return [build_webdataset_data(spec, rank=r, world_size=w) for r in range(w)]
-
-
-def take(data: ShardedData, n: int, it=None):
-    """The sample keys of the next `n` batches (and the iterator, to continue)."""
-    it = it or data.train_batches()
-    keys = []
-    for batch in islice(it, n):
-        assert batch["tokens"].shape == (data.batch_size, 9)
-        # every token of a sample is its global index mod 256: content matches the key
-        idx = [int(k.rsplit("/", 1)[1]) for k in batch["__key__"]]
-        assert batch["tokens"][:, 0].tolist() == [i % 256 for i in idx]
-        keys += batch["__key__"]
-    return keys, it
 
 
 @pytest.fixture(scope="module")
@@ -122,26 +102,12 @@ def test_resume_rejects_other_data(shards, tmp_path):
         ranks(job(str(other), workers=1))[0].load_state_dict(state)
 
 
-def _corrupt(folder: Path, shard: str, key: str) -> None:
-    """Replace one sample's tokens.npy with garbage, keeping the tar valid."""
-    path = folder / shard
-    members = []
-    with tarfile.open(path) as tar:
-        for m in tar.getmembers():
-            data = tar.extractfile(m).read()
-            members.append((m, b"not an array" if m.name == f"{key}.tokens.npy" else data))
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for m, data in members:
-            m.size = len(data)
-            tar.addfile(m, io.BytesIO(data))
-
-
 @pytest.fixture
 def corrupt(shards, tmp_path) -> Path:
     folder = tmp_path / "corrupt"
     shutil.copytree(shards, folder)
-    _corrupt(folder, "toy-000000.tar", "toy/000000003")
-    _corrupt(folder, "toy-000002.tar", "toy/000000050")
+    corrupt_sample(folder, "toy-000000.tar", "toy/000000003")
+    corrupt_sample(folder, "toy-000002.tar", "toy/000000050")
     return folder
 
 
