@@ -31,6 +31,9 @@ app.add_typer(runs_app, name="runs")
 from temper.cli.cluster import register as register_cluster_commands  # noqa: E402
 
 register_cluster_commands(app)  # submit, status, logs, stop, list
+from temper.cli.plan import register as register_plan_command  # noqa: E402
+
+register_plan_command(app)  # plan
 
 JobArg = Annotated[Path, typer.Argument(help="The job spec YAML file.", show_default=False)]
 SetOpt = Annotated[

@@ -33,16 +33,26 @@ def submit(
         "--dry-run", help="Print what would be sent; create nothing (no MLflow run either).")] = False,
     output: Annotated[str, typer.Option("--output", "-o", help="text, yaml or json.")] = "text",
     follow: FollowOpt = False,
+    no_plan: Annotated[bool, typer.Option(
+        "--no-plan", help="Skip the `temper plan` memory check before submitting.")] = False,
 ) -> None:
-    """Send the job to a cluster; print its id, its MLflow run and what to run next."""
+    """Send the job to a cluster; print its id, its MLflow run and what to run next.
+    First checks that it fits its GPUs (`temper plan`; exit 2 when it does not)."""
     from temper.launch.submit import build_target
     from temper.spec import load_spec
 
     if output not in OUTPUTS:
         raise TemperError(f"--output {output!r} is not known; accepted: {', '.join(OUTPUTS)}")
     spec = load_spec(job, set_ or [])
+    fits = None
+    if not no_plan:  # before anything is created; its summary prints once the job is sent
+        from temper.cli.plan import check_fits
+
+        fits = check_fits(spec)
     target = build_target(to)
     sub = target.submit(spec, workdir=Path.cwd(), run_id=None, dry_run=dry_run)
+    if fits:
+        console.print(fits, markup=False, highlight=False)
     if dry_run:
         typer.echo(_render(sub.manifest or "", output), nl=False)
         return

@@ -91,8 +91,11 @@ def materialize(model: nn.Module, *, device: torch.device, seed: int, weights: I
     """Allocate a meta-device model (already sharded, if it is) on `device` and initialize it
     (from `weights` where they have a tensor: init_from).
 
-    A model that already holds real tensors keeps its weights.
+    A model that already holds real tensors keeps its weights. On the meta device there is
+    nothing to allocate or initialize (`temper plan` sizes the model without its values).
     """
+    if device.type == "meta":
+        return
     if is_meta(model):
         shared = _shared_parameters(model)
         model.to_empty(device=device)

@@ -30,7 +30,11 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
         return float(override) * 1e12
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
+    return peak_flops_by_name(torch.cuda.get_device_name(device), precision)
+
+
+def peak_flops_by_name(name: str, precision: str) -> float | None:
+    """Peak FLOP/s of the GPU named `name` (as CUDA reports it), or None when unknown."""
     for key, table in _PEAK_TFLOPS:
         if key in name:
             return table[precision] * 1e12

@@ -48,7 +48,9 @@ class DDPStrategy(Strategy):
             self._replicated = True
         materialize(model, device=self.ctx.device, seed=self.seed, weights=pretrained)
         model = model.to(self.ctx.device)
-        if self.ctx.world_size > 1 and mesh is None:
+        # On the meta device (`temper plan`) the DDP wrapper cannot be built (it broadcasts
+        # values); a replica holds exactly the bare model, so the plan sizes that.
+        if self.ctx.world_size > 1 and mesh is None and self.ctx.device.type != "meta":
             device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
             model = DistributedDataParallel(
                 model,

@@ -61,7 +61,8 @@ class FSDPStrategy(Strategy):
         for block in getattr(model, "blocks", []):
             fully_shard(block, **shard)
         fully_shard(model, **shard)
-        device = torch.device("cpu") if self.spec.cpu_offload else self.ctx.device
+        offload = self.spec.cpu_offload and self.ctx.device.type != "meta"  # meta: temper plan
+        device = torch.device("cpu") if offload else self.ctx.device
         materialize(model, device=device, seed=self.seed, weights=pretrained)
         self.model = model
         self.optimizer = build_optimizer(model)

@@ -19,9 +19,11 @@ from temper.dist import DistContext
 
 
 def build_mesh(ctx: DistContext, *, tensor_parallel: int) -> DeviceMesh:
-    """A 2-D (dp, tp) mesh over all ranks; tp is the inner (fastest-varying) dimension."""
+    """A 2-D (dp, tp) mesh over all ranks; tp is the inner (fastest-varying) dimension.
+    A meta-device context (`temper plan`: nothing is allocated) gets a CPU mesh."""
     dp = ctx.world_size // tensor_parallel
-    return init_device_mesh(ctx.device.type, (dp, tensor_parallel), mesh_dim_names=("dp", "tp"))
+    device_type = "cpu" if ctx.device.type == "meta" else ctx.device.type
+    return init_device_mesh(device_type, (dp, tensor_parallel), mesh_dim_names=("dp", "tp"))
 
 
 def apply_model_parallelism(model: nn.Module, *, tp_mesh: DeviceMesh | None,
