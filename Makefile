@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-all bench lint clean
+.PHONY: venv demo test test-all bench gpu-check lint clean
 
 venv: $(STAMP)
 
@@ -34,6 +34,10 @@ test: venv
 test-all: venv
 	@$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
+
+# On a CUDA machine, in the Python environment that has CUDA torch (no Ray needed, no venv made).
+gpu-check:
+	benchmarks/gpu_check.sh
 
 bench: venv
 	$(BIN)/python benchmarks/loop_overhead.py

@@ -22,21 +22,27 @@ RESNET50 = ["model.kind=resnet", "model.flavor=resnet50", "model.image_size=224"
             "model.num_classes=1000", "train.micro_batch_size=128", "strategy.compile=true"]
 
 
-def _run(sets: list[str], steps: int) -> dict[str, float]:
-    import torch
-
-    from temper.dist import build_dist_context
-    from temper.runtime.loop import train
+def build_spec(sets: list[str], steps: int):
+    """The benchmark's job: `sets` (model.kind first) on one CUDA GPU, bf16, synthetic data."""
     from temper.spec import validate_spec
-
-    data = {"name": "gpu-mfu", "model": {"kind": sets[0].split("=")[1]}}
     from temper.spec.loader import apply_overrides
 
+    data = {"name": "gpu-mfu", "model": {"kind": sets[0].split("=")[1]}}
     base = [f"train.max_steps={steps}", f"train.log_every={steps}", "train.precision=bf16",
             "train.device=cuda", "resources.gpus_per_worker=1", "tracking.enabled=false",
             "data.eval_samples=0"]
     data, _ = apply_overrides(data, [*base, *sets[1:]])
-    spec = validate_spec(data, source="benchmarks/gpu_mfu.py")
+    return validate_spec(data, source="benchmarks/gpu_mfu.py")
+
+
+def run_spec(sets: list[str], steps: int) -> dict[str, float]:
+    """Train build_spec(sets, steps) in this process; its last metrics + peak_mem_gib."""
+    import torch
+
+    from temper.dist import build_dist_context
+    from temper.runtime.loop import train
+
+    spec = build_spec(sets, steps)
     ctx = build_dist_context(device="cuda")
     try:
         torch.cuda.reset_peak_memory_stats()
@@ -61,11 +67,11 @@ def main() -> None:
     print("| --- | --- | --- | ---: | ---: | ---: |")
     for ac in ("none", "selective"):
         for compile_ in (False, True):
-            m = _run([*GPT_1B, f"strategy.activation_checkpointing={ac}",
+            m = run_spec([*GPT_1B, f"strategy.activation_checkpointing={ac}",
                       f"strategy.compile={str(compile_).lower()}"], args.steps)
             print(f"| gpt 1b (seq 2048, fsdp) | {ac} | {compile_} | {m.get('perf/mfu', float('nan')):.3f} "
                   f"| {m.get('perf/tokens_per_s', float('nan')):.0f} | {m['peak_mem_gib']:.1f} |")
-    m = _run(RESNET50, args.steps)
+    m = run_spec(RESNET50, args.steps)
     print(f"\nresnet50 (bf16, compile): {m.get('perf/samples_per_s', float('nan')):.0f} img/s")
 
 
