@@ -1,26 +1,31 @@
 """Activation memory of one micro-batch, per rank, by formula (`temper plan`; docs/plan.md).
 
 What autograd keeps between forward and backward, counted tensor by tensor for our GPT block
-(models/gpt.py; pre-norm, SDPA attention, GELU MLP with hidden 4d), per token per layer in
-units of d_model elements, with t = strategy.tensor_parallel (Megatron split, no sequence
-parallel: the norms' and residual tensors are replicated, everything between a column- and
-a row-parallel Linear is split):
+(models/gpt.py: pre-norm, SDPA attention, GELU MLP of hidden width r x d), per token and
+layer, in units of d elements; t = strategy.tensor_parallel (Megatron split without sequence
+parallel: norm and residual tensors are replicated, everything between a column- and a
+row-parallel Linear is split):
 
-    replicated: ln1 input, the Linear inputs after ln1 and ln2, ln2 input  (fp32: 4 x 4 bytes)
-    split /t:   q, k, v, the attention output (proj input: SDPA returns it in [B, T, H, Dh]
-                layout, so the reshape is a view), fc output (4), GELU output (4)
-                                                                            (fp32: 12 x 4 bytes)
-    plus the norms' mean/rstd (4 x 4 bytes) and SDPA's logsumexp (4 bytes per head)
+    replicated  ln1's input, the Linear inputs after ln1 and after ln2, ln2's input   4 units
+    split / t   q, k, v, the attention output (the input of attn.proj: SDPA returns it in
+                [B, T, H, Dh] layout, so the reshape is a view), fc's output and GELU's
+                output (r units each)                                          4 + 2r units
+    small       the norms' mean and rstd (4 floats), SDPA's logsumexp (1 float per head / t)
 
-so 64 bytes x d per token per layer in fp32 at t=1 (Korthikanti et al. 2022 count 34 bytes
-in 16-bit: 17 tensors, with a copy before the output projection SDPA does not need). bf16 autocast: the residual stream and norm
-inputs stay fp32, each Linear keeps its own bf16 copy of its input: 16 bytes replicated
-and 24 / t split. Activation checkpointing: `full` keeps only each block's input (4 bytes x d
-fp32) and recomputes one block at a time in backward (that block's no-checkpoint amount, held
-once); `selective` keeps the block input and every matmul and attention output (3 replicated
-+ 8 / t units; bf16: those are bf16 but the input) and recomputes the rest. Outside the blocks: token ids (8 bytes), the final
-norm's input and output and, for causal_lm, the log-softmax of the logits (4 bytes x vocab)
-per token. Models other than the GPT have no formula yet: the plan says so.
+fp32: 4 bytes a unit, so 16 + 48 / t bytes x d at r = 4 (Korthikanti et al. 2022 count 17
+tensors of 2 bytes; SDPA makes the copy before attn.proj unnecessary). bf16 autocast: the
+residual stream and the norms' inputs stay fp32, every Linear keeps its own bf16 copy of its
+input (so the three of q, k, v each one): 16 bytes replicated, 2 x (4 + 2r) split; and where
+the parameters are fp32 in compute (DDP; FSDP with param_dtype fp32), autocast keeps a bf16
+copy of every matmul weight the saved graph uses.
+
+Activation checkpointing: `full` keeps each block's input (fp32) and, in backward, holds one
+block's no-checkpoint amount while it recomputes; `selective` keeps the block input and the
+outputs of every matmul and attention (attn.proj and mlp.proj replicated; q, k, v, SDPA and
+fc split) and recomputes norms, GELU and casts (so no weight copies inside blocks).
+Outside the blocks: token ids (8 bytes), the final norm's input (fp32) and the LM head's input
+(fp32, bf16 under autocast) per token, and for causal_lm the log-softmax of the logits
+(fp32, vocab per token). Models other than the GPT have no formula yet: the plan says so.
 """
 
 from __future__ import annotations
@@ -28,11 +33,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from temper.spec.job import JobSpec
-
-# (replicated, split) bytes per token per layer per d_model, by precision.
-_BLOCK_BYTES = {"fp32": (16, 48), "bf16": (16, 24)}
-# Selective: (block input, attn.proj and mlp.proj outputs | q, k, v, SDPA output, fc output).
-_SELECTIVE = {"fp32": (3 * 4, 8 * 4), "bf16": (4 + 2 * 2, 8 * 2)}
 
 
 @dataclass(frozen=True)
@@ -48,26 +48,38 @@ class ActivationEstimate:
         return self.saved + self.recompute
 
 
+def _fp32_weights_in_compute(spec: JobSpec) -> bool:
+    """bf16 autocast over fp32 parameters (it then keeps bf16 copies of the weights)."""
+    s = spec.strategy
+    if spec.train.precision != "bf16" or s.kind == "deepspeed":  # DeepSpeed bf16: bf16 params
+        return False
+    return s.kind == "ddp" or s.param_dtype == "fp32"
+
+
 def estimate_activations(spec: JobSpec) -> ActivationEstimate | None:
     """The GPT's activations for `train.micro_batch_size` sequences, or None (no formula)."""
     if spec.model.kind != "gpt":
         return None
-    m = spec.model
-    tp = getattr(spec.strategy, "tensor_parallel", 1)
-    mode = getattr(spec.strategy, "activation_checkpointing", "none")
-    tokens = spec.train.micro_batch_size * m.seq_len
-    d = m.d_model
-    replicated, split = _BLOCK_BYTES[spec.train.precision]
-    block = tokens * (d * (replicated + split / tp) + 16 + 4 * m.n_head / tp)
+    m, s = spec.model, spec.strategy
+    tp = getattr(s, "tensor_parallel", 1)
+    mode = getattr(s, "activation_checkpointing", "none")
+    bf16 = spec.train.precision == "bf16"
+    unit = 2 if bf16 else 4  # bytes of a matmul output
+    r = int(m.mlp_ratio * m.d_model) / m.d_model
+    tokens, d = spec.train.micro_batch_size * m.seq_len, m.d_model
+    small = 16 + 4 * m.n_head / tp
+    block = tokens * (d * (16 + (4 + 2 * r) * unit / tp) + small)
+    block_weights = 2 * (4 + 2 * r) * d * d / tp if _fp32_weights_in_compute(spec) else 0
     if mode == "full":
-        saved_block, recompute = tokens * d * 4, block
+        saved_block, recompute = tokens * d * 4, block + block_weights
     elif mode == "selective":
-        kept, kept_split = _SELECTIVE[spec.train.precision]
-        saved_block = tokens * (d * (kept + kept_split / tp) + 4 * m.n_head / tp)
-        recompute = block - saved_block
+        saved_block = tokens * (d * (4 + 2 * unit + (4 + r) * unit / tp) + 4 * m.n_head / tp)
+        recompute = block - saved_block + block_weights
     else:
-        saved_block, recompute = block, 0
-    outside = tokens * (8 + 8 * d + 8)  # ids; final norm in and out; its mean/rstd
+        saved_block, recompute = block + block_weights, 0
+    outside = tokens * (8 + 4 * d + unit * d + 8)  # ids; final norm's input, head's input; stats
     if spec.objective is None or spec.objective.kind == "causal_lm":
         outside += tokens * 4 * m.vocab_size
+        if _fp32_weights_in_compute(spec):
+            outside += 2 * d * m.vocab_size  # the LM head's bf16 weight copy
     return ActivationEstimate(saved=int(m.n_layer * saved_block + outside), recompute=int(recompute))

@@ -151,11 +151,12 @@ def _buffer_bytes(spec: JobSpec, model: torch.nn.Module) -> int:
     """Transient full-size tensors, by formula. FSDP: the unsharded parameters of two blocks
     (the one computing and the one prefetched) and one block's unsharded gradients (before the
     reduce-scatter), all of the model's gathered parameters when reshard_after_forward is
-    false; DDP: its gradient buckets, a copy of every gradient."""
+    false; DDP: its gradient buckets, a copy of every gradient; DDP x TP (`replicate`, FSDP's
+    engine without resharding): a gathered copy of every parameter from forward to backward."""
     s = spec.strategy
     tp = getattr(s, "tensor_parallel", 1)
     if s.kind == "ddp":
-        return sum(_local_bytes(p) for p in model.parameters() if p.requires_grad) if tp == 1 else 0
+        return sum(_local_bytes(p) for p in model.parameters() if p.requires_grad or tp > 1)
     param_bytes = 2 if (s.param_dtype == "bf16" or (s.param_dtype == "auto" and spec.train.precision == "bf16")) else 4
     blocks = list(getattr(model, "blocks", []))
     unit = max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0) // tp
