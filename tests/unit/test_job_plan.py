@@ -67,3 +67,24 @@ def test_deepspeed_is_not_planned_in_one_line(capsys) -> None:
     assert main(["plan", GPT_1B, *sum((["--set", s] for s in sets), [])]) == 0
     err = capsys.readouterr().err
     assert "not planned for strategy.kind=deepspeed" in err and "at 40% MFU" in err
+
+
+def test_submit_checks_the_plan_before_contacting_anything(capsys) -> None:
+    from temper.dist import free_port
+
+    nobody = f"http://127.0.0.1:{free_port()}"
+    too_big = ["--set", "strategy.activation_checkpointing=none", "--set", "train.micro_batch_size=64"]
+    assert main(["submit", GPT_1B, *too_big, "--to", nobody]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not fit" in err[0] and "h100-80gb" in err[0] and "--no-plan" in err[0]
+    assert main(["submit", GPT_1B, *too_big, "--to", nobody, "--no-plan"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit" not in err and nobody in err  # skipped the plan, reached the target
+
+
+def test_offloaded_shards_are_not_counted_on_the_gpu() -> None:
+    tiny = str(ROOT / "jobs" / "ci" / "tiny-gpt.yaml")
+    on_gpu = build_plan(load_spec(tiny, ["strategy=fsdp"]), gpu="l4")
+    offloaded = build_plan(load_spec(tiny, ["strategy=fsdp_offload"]), gpu="l4")
+    assert offloaded.memory == on_gpu.memory and offloaded.memory.total > 0
+    assert offloaded.total == on_gpu.total - on_gpu.memory.total

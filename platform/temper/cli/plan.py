@@ -78,7 +78,8 @@ def render_plan(p) -> list[str]:
     if p.memory is None:
         lines.append(f"  memory      {p.unplanned}")
     else:
-        lines += [f"  {name:<11} {_gib(value)}" for name, value in (
+        where = "  (in CPU memory: cpu_offload)" if p.offloaded else ""
+        lines += [f"  {name:<11} {_gib(value)}{where if name != 'buffers' else ''}" for name, value in (
             ("parameters", p.memory.params), ("gradients", p.memory.grads),
             ("optimizer", p.memory.optim), ("buffers", p.buffers))]
     act = p.activations
@@ -89,8 +90,10 @@ def render_plan(p) -> list[str]:
         lines.append(f"  activations {_gib(act.saved)}{extra}")
     if p.memory is not None:
         against = f" of {p.usable / 2**30:.1f} GiB usable" if p.usable else ""
-        lines.append(f"  total       {_gib(p.total)}{against}"
-                     + ("" if p.usable is None else ("  fits" if p.total <= p.usable else "  DOES NOT FIT")))
+        verdict = "" if p.usable is None else ("  fits" if p.total <= p.usable else "  DOES NOT FIT")
+        if verdict and act is None:
+            verdict += " (without activations)"
+        lines.append(f"  total       {_gib(p.total)}{against}{verdict}")
     lines += _time_lines(p)
     return lines
 

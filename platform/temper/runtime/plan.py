@@ -26,6 +26,7 @@ from temper.runtime.activations import ActivationEstimate, estimate_activations
 from temper.runtime.optim import build_optimizer
 from temper.runtime.perf import peak_flops_by_name
 from temper.spec.job import JobSpec
+from temper.spec.strategy import strategy_problems
 from temper.strategies import build_strategy
 from temper.strategies.memory import MemoryReport
 
@@ -77,8 +78,14 @@ class Plan:
     unplanned: str | None = None
 
     @property
+    def offloaded(self) -> bool:
+        """FSDP's cpu_offload: parameters, gradients and optimizer state sit in host memory."""
+        return bool(getattr(self.spec.strategy, "cpu_offload", False))
+
+    @property
     def total(self) -> int:
-        held = self.memory.total if self.memory else 0
+        """Bytes on the GPU: what the rank holds (unless offloaded), buffers, activations."""
+        held = self.memory.total if self.memory and not self.offloaded else 0
         return held + self.buffers + (self.activations.peak if self.activations else 0)
 
     @property
@@ -102,7 +109,7 @@ class Plan:
         if s.kind == "ddp":
             fixes.append("strategy=fsdp")
         elif s.kind == "fsdp":
-            if s.tensor_parallel * 2 <= min(self.spec.resources.workers, 8):
+            if _tensor_parallel_can_double(self.spec):
                 fixes.append(f"strategy.tensor_parallel={s.tensor_parallel * 2}")
             if not s.cpu_offload:
                 fixes.append("strategy.cpu_offload=true")
@@ -111,6 +118,15 @@ class Plan:
                          "(with train.grad_accum x2)")
         return (f"{self.spec.name} does not fit: {self.total / GIB:.1f} GiB per rank > "
                 f"{self.usable / GIB:.1f} GiB usable on {self.gpu}; try {' or '.join(fixes) or 'more workers'}")
+
+
+def _tensor_parallel_can_double(spec: JobSpec) -> bool:
+    """Twice the tensor-parallel degree is valid for this model and world size (within a node of 8)."""
+    tp = spec.strategy.tensor_parallel * 2
+    if tp > min(spec.resources.workers, 8):
+        return False
+    return not strategy_problems(strategy=spec.strategy.model_copy(update={"tensor_parallel": tp}),
+                                 model=spec.model, workers=spec.resources.workers)
 
 
 def build_plan(spec: JobSpec, *, gpu: str | None = None, mfu: float = 0.4) -> Plan:
