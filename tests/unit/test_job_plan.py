@@ -88,3 +88,11 @@ def test_offloaded_shards_are_not_counted_on_the_gpu() -> None:
     offloaded = build_plan(load_spec(tiny, ["strategy=fsdp_offload"]), gpu="l4")
     assert offloaded.memory == on_gpu.memory and offloaded.memory.total > 0
     assert offloaded.total == on_gpu.total - on_gpu.memory.total
+
+
+def test_frozen_backbone_holds_gradients_and_state_for_the_heads_only() -> None:
+    job, source = str(ROOT / "jobs" / "digits-finetune.yaml"), "init_from.source=/nowhere"
+    full = build_plan(load_spec(job, [source, "init_from.freeze_backbone=false"])).memory
+    probe = build_plan(load_spec(job, [source, "init_from.freeze_backbone=true"])).memory
+    assert probe.params == full.params and full.grads == full.params
+    assert 0 < probe.grads < full.grads / 10 and probe.optim == 2 * probe.grads

@@ -136,6 +136,8 @@ def build_plan(spec: JobSpec, *, gpu: str | None = None, mfu: float = 0.4) -> Pl
     gpu = gpu_for(spec, gpu)
     with torch.device("meta"):
         model = build_model(spec.model, objective=spec.objective)
+    if spec.init_from is not None and spec.init_from.freeze_backbone:
+        model.freeze_backbone()  # as the loop does: only the heads get gradients and state
     fps = getattr(model, "train_flops_per_sample", lambda: None)()
     common = dict(spec=spec, activations=estimate_activations(spec), gpu=gpu, mfu=mfu,
                   flops_per_step=fps * spec.global_batch_size if fps else None)
