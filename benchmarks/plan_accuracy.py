@@ -24,17 +24,20 @@ CASES = {"ddp": [], "fsdp": ["strategy=fsdp"], "fsdp x tp2": ["strategy=fsdp", "
 
 
 def _measured(spec, model, *, autocast: bool = False) -> int:
+    """What one micro-batch through the job's objective leaves for backward."""
     import torch
     from tests.fixtures.activations import measure_saved_bytes
 
+    from temper.objectives import build_objective
+
+    objective = build_objective(spec.objective, spec.model)
     m = spec.model
-    tokens = torch.randint(0, m.vocab_size, (spec.train.micro_batch_size, m.seq_len + 1),
-                           generator=torch.Generator().manual_seed(0))
+    batch = {"tokens": torch.randint(0, m.vocab_size - 1, (spec.train.micro_batch_size, m.seq_len + 1),
+                                     generator=torch.Generator().manual_seed(0))}
 
     def loss():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            logits = model(tokens[:, :-1])
-            return torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+            return objective(model, batch).loss
 
     return measure_saved_bytes(model, loss)
 
@@ -89,21 +92,23 @@ def main() -> None:
         plan = build_plan(s).memory
         ratios = [getattr(plan, f) / getattr(real["memory"][name], f) for f in ("params", "grads", "optim")]
         print(f"{name:<20}" + "".join(f"{r:>10.4f}" for r in ratios))
-    print(f"\n{'activations, micro-batch 4':<32}{'measured MiB':>14}{'planned MiB':>13}{'ratio':>8}")
+    print(f"\n{'activations, micro-batch 4':<36}{'measured MiB':>14}{'planned MiB':>13}{'ratio':>8}")
     rows = []
-    for precision in ("fp32", "bf16"):
-        for mode in ("none", "full", "selective"):
-            s = spec(f"strategy.activation_checkpointing={mode}", "train.micro_batch_size=4",
-                     f"train.precision={precision}")
-            torch.manual_seed(0)
-            model = build_model(s.model, objective=s.objective)
-            apply_activation_checkpointing(model, mode)
-            rows.append((f"{precision}, ac={mode}", _measured(s, model, autocast=precision == "bf16"),
-                         estimate_activations(s).saved))
-    rows += [(f"fp32, {name} (rank 0)", real["activations"][name], estimate_activations(s).saved)
+    families = {"gpt": [], "encoder": ["model.kind=encoder", "model.pool=cls", "model.vocab_size=258"]}
+    for family, extra in families.items():
+        for precision in ("fp32", "bf16"):
+            for mode in ("none", "full", "selective"):
+                s = spec(*extra, f"strategy.activation_checkpointing={mode}", "train.micro_batch_size=4",
+                         f"train.precision={precision}")
+                torch.manual_seed(0)
+                model = build_model(s.model, objective=s.objective)
+                apply_activation_checkpointing(model, mode)
+                rows.append((f"{family}, {precision}, ac={mode}",
+                             _measured(s, model, autocast=precision == "bf16"), estimate_activations(s).saved))
+    rows += [(f"gpt, fp32, {name} (rank 0)", real["activations"][name], estimate_activations(s).saved)
              for name, s in tp.items()]
     for name, got, est in rows:
-        print(f"{name:<32}{got / 2**20:>14.3f}{est / 2**20:>13.3f}{est / got:>8.4f}")
+        print(f"{name:<36}{got / 2**20:>14.3f}{est / 2**20:>13.3f}{est / got:>8.4f}")
 
 
 if __name__ == "__main__":

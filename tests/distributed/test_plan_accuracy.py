@@ -35,19 +35,18 @@ def _spec(extra: list[str]):
     return load_spec("jobs/ci/tiny-gpt.yaml", [*MODEL, *extra])
 
 
-def _tokens(spec) -> torch.Tensor:
-    m = spec.model
-    return torch.randint(0, m.vocab_size, (spec.train.micro_batch_size, m.seq_len + 1),
-                         generator=torch.Generator().manual_seed(0))
-
-
 def _loss_fn(model, spec, *, autocast: bool = False):
-    tokens = _tokens(spec)
+    """One micro-batch through the job's own objective (its forward and loss)."""
+    from temper.objectives import build_objective
+
+    objective = build_objective(spec.objective, spec.model)
+    m = spec.model
+    batch = {"tokens": torch.randint(0, m.vocab_size - 1, (spec.train.micro_batch_size, m.seq_len + 1),
+                                     generator=torch.Generator().manual_seed(0))}
 
     def loss() -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            logits = model(tokens[:, :-1])
-            return torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+            return objective(model, batch).loss
 
     return loss
 
@@ -102,14 +101,19 @@ def test_activation_estimate_under_tensor_parallel(measured: list[dict], mode: s
     assert planned < 0.8 * untouched  # the split part shrank: the check can tell TP from none
 
 
+# The encoder (objective mlm) with its [CLS] token: the same blocks, another head.
+FAMILIES = {"gpt": [], "encoder": ["model.kind=encoder", "model.pool=cls", "model.vocab_size=258"]}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("mode", ["none", "full", "selective"])
-def test_activation_estimate_matches_what_forward_keeps(mode: str, precision: str) -> None:
+def test_activation_estimate_matches_what_forward_keeps(mode: str, precision: str, family: str) -> None:
     """bf16 is CPU autocast over fp32 parameters (DDP's case). Under `full` what stays is each
     block's input; the recompute term (one block's `none` amount, held in backward) is not
     measured here."""
-    spec = _spec([f"strategy.activation_checkpointing={mode}", "train.micro_batch_size=4",
-                  f"train.precision={precision}"])
+    spec = _spec([*FAMILIES[family], f"strategy.activation_checkpointing={mode}",
+                  "train.micro_batch_size=4", f"train.precision={precision}"])
     torch.manual_seed(0)
     model = build_model(spec.model, objective=spec.objective)
     apply_activation_checkpointing(model, mode)

@@ -84,7 +84,7 @@ def render_plan(p) -> list[str]:
             ("optimizer", p.memory.optim), ("buffers", p.buffers))]
     act = p.activations
     if act is None:
-        lines.append(f"  activations not estimated for model.kind={s.model.kind} (GPT only so far)")
+        lines.append(f"  activations not estimated for model.kind={s.model.kind} (GPT and encoder only so far)")
     else:
         extra = f" (+{_gib(act.recompute).strip()} recomputing a block)" if act.recompute else ""
         lines.append(f"  activations {_gib(act.saved)}{extra}")

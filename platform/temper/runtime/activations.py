@@ -1,6 +1,6 @@
 """Activation memory of one micro-batch, per rank, by formula (`temper plan`; docs/plan.md).
 
-What autograd keeps between forward and backward, counted tensor by tensor for our GPT block
+What autograd keeps between forward and backward, counted tensor by tensor for our transformer block
 (models/gpt.py: pre-norm, SDPA attention, GELU MLP of hidden width r x d), per token and
 layer, in units of d elements; t = strategy.tensor_parallel (Megatron split without sequence
 parallel: norm and residual tensors are replicated, everything between a column- and a
@@ -25,7 +25,9 @@ outputs of every matmul and attention (attn.proj and mlp.proj replicated; q, k, 
 fc split) and recomputes norms, GELU and casts (so no weight copies inside blocks).
 Outside the blocks: token ids (8 bytes), the final norm's input (fp32) and the LM head's input
 (fp32, bf16 under autocast) per token, and for causal_lm the log-softmax of the logits
-(fp32, vocab per token). Models other than the GPT have no formula yet: the plan says so.
+(fp32, vocab per token). The encoder (models/encoder.py) runs the same blocks over its
+tokens (+ [CLS]); its MLM head is counted in `_encoder_outside`. ViT, ResNet and the LSTM have
+no formula yet: the plan says so.
 """
 
 from __future__ import annotations
@@ -56,17 +58,48 @@ def _fp32_weights_in_compute(spec: JobSpec) -> bool:
     return s.kind == "ddp" or s.param_dtype == "fp32"
 
 
+def _gpt_outside(spec: JobSpec, *, tokens: int, unit: int) -> float:
+    """Ids, the final norm's input and stats, the LM head's input; causal_lm: the fp32
+    log-softmax over the vocabulary (and the head's bf16 weight copy over fp32 weights)."""
+    m = spec.model
+    out = tokens * (8 + 4 * m.d_model + unit * m.d_model + 8)
+    if spec.objective is None or spec.objective.kind == "causal_lm":
+        out += tokens * 4 * m.vocab_size
+        if _fp32_weights_in_compute(spec):
+            out += 2 * m.d_model * m.vocab_size
+    return out
+
+
+def _encoder_outside(spec: JobSpec, *, tokens: int, unit: int) -> float:
+    """Ids, the final norm's input and stats; mlm: the MLM head on every input token (dense,
+    GELU, LayerNorm, decoder inputs: norms in fp32) and the fp32 log-softmax on the
+    mask_prob share of them the loss scores."""
+    m, d = spec.model, spec.model.d_model
+    n = spec.train.micro_batch_size * m.seq_len  # input tokens ([CLS] is dropped before the head)
+    out = tokens * (4 * d + 8) + n * 8
+    if spec.objective is not None and spec.objective.kind == "mlm":
+        out += n * (d * (3 * unit + 4) + 8) + spec.objective.mask_prob * n * (4 * m.vocab_size + 8)
+        if _fp32_weights_in_compute(spec):
+            out += 2 * (d * d + d * m.vocab_size)
+    return out
+
+
+#: model.kind -> what its forward keeps outside the transformer blocks (`tokens` the blocks see).
+_OUTSIDE = {"gpt": _gpt_outside, "encoder": _encoder_outside}
+
+
 def estimate_activations(spec: JobSpec) -> ActivationEstimate | None:
-    """The GPT's activations for `train.micro_batch_size` sequences, or None (no formula)."""
-    if spec.model.kind != "gpt":
+    """The transformer's activations for `train.micro_batch_size` sequences, or None (no formula)."""
+    outside_fn = _OUTSIDE.get(spec.model.kind)
+    if outside_fn is None:
         return None
     m, s = spec.model, spec.strategy
     tp = getattr(s, "tensor_parallel", 1)
     mode = getattr(s, "activation_checkpointing", "none")
-    bf16 = spec.train.precision == "bf16"
-    unit = 2 if bf16 else 4  # bytes of a matmul output
+    unit = 2 if spec.train.precision == "bf16" else 4  # bytes of a matmul output
     r = int(m.mlp_ratio * m.d_model) / m.d_model
-    tokens, d = spec.train.micro_batch_size * m.seq_len, m.d_model
+    extra = int(getattr(m, "pool", None) == "cls")  # the encoder's [CLS] token
+    tokens, d = spec.train.micro_batch_size * (m.seq_len + extra), m.d_model
     small = 16 + 4 * m.n_head / tp
     block = tokens * (d * (16 + (4 + 2 * r) * unit / tp) + small)
     block_weights = 2 * (4 + 2 * r) * d * d / tp if _fp32_weights_in_compute(spec) else 0
@@ -77,9 +110,5 @@ def estimate_activations(spec: JobSpec) -> ActivationEstimate | None:
         recompute = block - saved_block + block_weights
     else:
         saved_block, recompute = block + block_weights, 0
-    outside = tokens * (8 + 4 * d + unit * d + 8)  # ids; final norm's input, head's input; stats
-    if spec.objective is None or spec.objective.kind == "causal_lm":
-        outside += tokens * 4 * m.vocab_size
-        if _fp32_weights_in_compute(spec):
-            outside += 2 * d * m.vocab_size  # the LM head's bf16 weight copy
+    outside = outside_fn(spec, tokens=tokens, unit=unit)
     return ActivationEstimate(saved=int(m.n_layer * saved_block + outside), recompute=int(recompute))
