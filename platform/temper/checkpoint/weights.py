@@ -6,7 +6,8 @@ The worker side of a model's lifecycle (the driver side is launch/lifecycle.py):
         a `temper export` folder (model.safetensors + config.json): tensors read lazily, one
             at a time (a rank never holds a second copy of the model)
         a checkpoint (a run folder: its newest committed step; or a step-N folder): DCP's
-            metadata gives the shapes; the model's tensors are read in full on first use
+            metadata gives the shapes; each tensor is read in full when asked for, one at a
+            time (DeepSpeed: merged once by its zero_to_fp32)
     weights.shapes            name -> shape (model state names: parameters and buffers)
     weights.get(name)         a CPU tensor (float32 for floating point)
     weights.model_spec        the `model:` section it was trained with (kind, sizes)
@@ -15,7 +16,8 @@ The worker side of a model's lifecycle (the driver side is launch/lifecycle.py):
                               pretraining head), and what cannot match (an error)
     weights_for_worker(...)   init_from's weights on a worker, where the driver found them
 
-    export_checkpoint(source, out_dir) consolidated weights, in one process without a group:
+    export_checkpoint(source, out_dir) consolidated weights, in one process without a group,
+      streamed one tensor at a time (checkpoint/tensorfile.py):
         out_dir/model.safetensors   full fp32 tensors under the bare model's state_dict names
         out_dir/config.json         {"model": <model spec>, "source": {...}, "temper_version": ...}
       dcp: the global shapes come from `.metadata`; only the "model" entries are read.
@@ -40,6 +42,7 @@ from temper.checkpoint.catalog import is_step_dir, latest_in, read_checkpoint
 from temper.checkpoint.engines import DEEPSPEED_TAG, dcp_reader, quiet_single_process
 from temper.checkpoint.manifest import CommittedCheckpoint
 from temper.checkpoint.storage import Store, fsync_dir, is_remote, open_store
+from temper.checkpoint.tensorfile import write_streaming
 from temper.errors import MissingDependencyError, TemperError
 from temper.run_info import InitFromLocation
 
@@ -90,31 +93,57 @@ def _from_export(folder: Path) -> PretrainedWeights:
 
 def _from_checkpoint(ckpt, *, storage_options: dict | None) -> PretrainedWeights:
     manifest = ckpt.manifest
-    cache: dict[str, torch.Tensor] = {}
+    source = checkpoint_tensors(ckpt, storage_options=storage_options)
+    return PretrainedWeights(path=ckpt.path, shapes=source.shapes, model_spec=manifest.extra.get("model"),
+                             run_id=manifest.run_id, step=manifest.step, loader=source.get)
 
-    def full() -> dict[str, torch.Tensor]:
-        if not cache:
-            if manifest.engine == "dcp":
-                cache.update(dcp_model_weights(open_store(ckpt.path, storage_options=storage_options)))
+
+class DcpTensors:
+    """A DCP checkpoint's "model" entries, read one full (unsharded) tensor at a time: a
+    rank or an export never holds more than the tensor it is copying."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        metadata = dcp_reader(store, store.root).read_metadata()
+        self.meta: dict[str, TensorStorageMetadata] = {}
+        for key, meta in metadata.state_dict_metadata.items():
+            if not key.startswith("model."):
+                continue
+            if isinstance(meta, TensorStorageMetadata):
+                self.meta[key[len("model."):]] = meta
             else:
-                cache.update(deepspeed_model_weights(ckpt.path))
-        return cache
+                log.warning("skipping the non-tensor checkpoint entry %s", key)
+        if not self.meta:
+            raise TemperError(f"{store.url(store.root)} holds no model tensors; is it a temper checkpoint?")
+        self.shapes = {name: tuple(meta.size) for name, meta in self.meta.items()}
+        self.dtypes = {name: meta.properties.dtype for name, meta in self.meta.items()}
 
-    if manifest.engine == "dcp":
-        shapes = _dcp_shapes(ckpt.path, storage_options=storage_options)
-    else:
-        shapes = {k: tuple(v.shape) for k, v in full().items()}
-    return PretrainedWeights(path=ckpt.path, shapes=shapes, model_spec=manifest.extra.get("model"),
-                             run_id=manifest.run_id, step=manifest.step, loader=lambda name: full()[name])
+    def get(self, name: str) -> torch.Tensor:
+        meta = self.meta[name]
+        tensor = torch.empty(meta.size, dtype=meta.properties.dtype)
+        with quiet_single_process():
+            dcp.load({"model": {name: tensor}}, storage_reader=dcp_reader(self.store, self.store.root),
+                     no_dist=True)
+        return tensor
 
 
-def _dcp_shapes(path: str, *, storage_options: dict | None) -> dict[str, tuple[int, ...]]:
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+class MergedTensors:
+    """A DeepSpeed checkpoint's fp32 weights, merged from the ZeRO partitions by DeepSpeed's
+    own zero_to_fp32 (which holds them all: DeepSpeed offers no per-tensor read)."""
 
-    store = open_store(path, storage_options=storage_options)
-    metadata = dcp_reader(store, store.root).read_metadata()
-    return {key[len("model."):]: tuple(meta.size) for key, meta in metadata.state_dict_metadata.items()
-            if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
+    def __init__(self, path: str) -> None:
+        self.tensors = deepspeed_model_weights(path)
+        self.shapes = {name: tuple(t.shape) for name, t in self.tensors.items()}
+        self.dtypes = {name: t.dtype for name, t in self.tensors.items()}
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+
+def checkpoint_tensors(ckpt: CommittedCheckpoint, *, storage_options: dict | None) -> DcpTensors | MergedTensors:
+    if ckpt.manifest.engine == "dcp":
+        return DcpTensors(open_store(ckpt.path, storage_options=storage_options))
+    return MergedTensors(ckpt.path)
 
 
 @dataclass
@@ -217,15 +246,12 @@ def export_checkpoint(source: str, out_dir: str, *, model_spec: dict | None = No
             f"checkpoint {ckpt.path} records no model spec (manifest extra.model); pass "
             "model_spec= (the job's `model:` section) to export it"
         )
-    store = open_store(ckpt.path, storage_options=storage_options)
-    if manifest.engine == "dcp":
-        weights = dcp_model_weights(store)
-    else:
-        weights = deepspeed_model_weights(ckpt.path)
-    tensors = _match_model(weights, spec=spec, source=ckpt.path)
+    source = checkpoint_tensors(ckpt, storage_options=storage_options)
+    names = _export_names(source.shapes, spec=spec, source=ckpt.path)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_safetensors(tensors, out / MODEL_FILE)
+    entries = [(name, source.shapes[src], _export_dtype(source.dtypes[src])) for name, src in names.items()]
+    write_streaming(entries, lambda name: source.get(names[name]), out / MODEL_FILE)
     config = {
         "model": spec,
         "source": {"checkpoint": ckpt.path, "step": manifest.step, "run_id": manifest.run_id,
@@ -234,7 +260,7 @@ def export_checkpoint(source: str, out_dir: str, *, model_spec: dict | None = No
     }
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
     fsync_dir(str(out))
-    log.info("exported %d tensors of %s (step %d) to %s", len(tensors), ckpt.path, manifest.step, out)
+    log.info("exported %d tensors of %s (step %d) to %s", len(entries), ckpt.path, manifest.step, out)
     return out
 
 
@@ -251,24 +277,6 @@ def resolve_checkpoint(source: str, *, storage_options: dict | None) -> Committe
     return found
 
 
-def dcp_model_weights(store: Store) -> dict[str, torch.Tensor]:
-    """Read the "model" entries at their full (global) shapes into plain CPU tensors."""
-    metadata = dcp_reader(store, store.root).read_metadata()
-    state: dict[str, torch.Tensor] = {}
-    for key, meta in metadata.state_dict_metadata.items():
-        if not key.startswith("model."):
-            continue
-        if isinstance(meta, TensorStorageMetadata):
-            state[key[len("model."):]] = torch.empty(meta.size, dtype=meta.properties.dtype)
-        else:
-            log.warning("export skips the non-tensor entry %s", key)
-    if not state:
-        raise TemperError(f"{store.url(store.root)} holds no model tensors; is it a temper checkpoint?")
-    with quiet_single_process():
-        dcp.load({"model": state}, storage_reader=dcp_reader(store, store.root), no_dist=True)
-    return state
-
-
 def deepspeed_model_weights(path: str) -> dict[str, torch.Tensor]:
     if is_remote(path):
         raise TemperError(f"{path}: DeepSpeed checkpoints are read from local or shared paths only")
@@ -283,9 +291,9 @@ def deepspeed_model_weights(path: str) -> dict[str, torch.Tensor]:
     return dict(get_fp32_state_dict_from_zero_checkpoint(local, tag=DEEPSPEED_TAG))
 
 
-def _match_model(weights: dict[str, torch.Tensor], *, spec: dict, source: str) -> dict[str, torch.Tensor]:
-    """The bare model's state_dict names and shapes, filled from `weights` (fp32, contiguous,
-    no shared storage: safetensors refuses aliases, e.g. tied embeddings)."""
+def _export_names(shapes: dict[str, tuple[int, ...]], *, spec: dict, source: str) -> dict[str, str]:
+    """The bare model's state_dict names (what the export holds) -> the checkpoint tensor each
+    is read from (itself, or a tied alias); a missing tensor or another shape is an error."""
     from pydantic import TypeAdapter, ValidationError
 
     from temper.models import build_model
@@ -298,29 +306,27 @@ def _match_model(weights: dict[str, torch.Tensor], *, spec: dict, source: str) -
     with torch.device("meta"):
         model = build_model(model_spec)
     aliases = _aliases(model)
-    out: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
+    names: dict[str, str] = {}
     for name, ref in model.state_dict().items():
-        tensor = weights.get(name)
-        if tensor is None:
-            tensor = next((weights[a] for a in aliases.get(name, ()) if a in weights), None)
-        if tensor is None:
+        src = name if name in shapes else next((a for a in aliases.get(name, ()) if a in shapes), None)
+        if src is None:
             raise TemperError(f"{source} has no tensor for {name}; was it saved from this model spec?")
-        if tuple(tensor.shape) != tuple(ref.shape):
+        if tuple(shapes[src]) != tuple(ref.shape):
             raise TemperError(
-                f"{source}: {name} has shape {tuple(tensor.shape)}, the model spec expects "
+                f"{source}: {name} has shape {tuple(shapes[src])}, the model spec expects "
                 f"{tuple(ref.shape)}; pass the model_spec the checkpoint was trained with"
             )
-        tensor = tensor.detach().to(torch.float32 if tensor.is_floating_point() else tensor.dtype)
-        if tensor.untyped_storage().data_ptr() in seen:
-            tensor = tensor.clone()
-        seen.add(tensor.untyped_storage().data_ptr())
-        out[name] = tensor
-    unused = sorted(set(weights) - set(out))
+        names[name] = src
+    unused = sorted(set(shapes) - set(names.values()))
     if unused:
         log.warning("export ignores %d checkpoint tensors the model does not have: %s",
                     len(unused), ", ".join(unused[:5]))
-    return out
+    return names
+
+
+def _export_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Exports hold fp32 floating point (a bf16 checkpoint is widened), other dtypes as saved."""
+    return torch.float32 if dtype.is_floating_point else dtype
 
 
 def _aliases(model: torch.nn.Module) -> dict[str, list[str]]:
@@ -329,15 +335,3 @@ def _aliases(model: torch.nn.Module) -> dict[str, list[str]]:
     for name, p in model.named_parameters(remove_duplicate=False):
         by_param.setdefault(id(p), []).append(name)
     return {n: [m for m in names if m != n] for names in by_param.values() for n in names}
-
-
-def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    try:
-        from safetensors.torch import save_file
-    except ImportError:
-        raise MissingDependencyError("safetensors", feature="checkpoint export") from None
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
