@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from temper.console import ProgressDisplay, console
-from temper.errors import JobFailedError, TemperError
+from temper.errors import JobFailedError, TemperError, WorkerFailedError, root_cause
 from temper.launch.base import STOP_GRACE_S, Job, Launcher, LaunchResult
 from temper.launch.signals import sigterm_interrupts
 
@@ -29,6 +29,7 @@ FORWARDED_ENV = (
     "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3",
     "TEMPER_FAULT", "TEMPER_FAULT_ONCE",  # fault injection (temper.runtime.faults)
     "TEMPER_SPOOL_DIR",  # where undelivered metrics wait (temper.tracking.spool)
+    "TEMPER_VERBOSE",  # `temper run --verbose`
 )
 
 
@@ -164,7 +165,7 @@ class RayLauncher(Launcher):
         except KeyboardInterrupt:
             raise
         except Exception as e:  # Ray wraps worker errors; surface the root cause
-            raise JobFailedError(_ray_root_cause(e)) from e
+            raise _ray_root_cause(e) from e
         finally:
             self._stop.set()
             pump.join(timeout=5)
@@ -285,14 +286,29 @@ def _tag_nodes(job: Job, nodes: dict[int, str]) -> None:
         log.warning("could not tag MLflow run %s with temper.nodes (%s)", info.run_id, e)
 
 
-def _ray_root_cause(error: Exception) -> str:
+def _ray_root_cause(error: Exception) -> JobFailedError:
+    """The lowest failing rank's own error (run_worker's "rank R: cause"), out of Ray's wrappers."""
     failures = getattr(error, "worker_failures", None)
     if failures:
         rank = min(failures)
-        cause = failures[rank]
-        cause = getattr(cause, "cause", None) or cause
-        text = f"{type(cause).__name__}: {cause}".strip().splitlines()
-        tail = [line for line in text if line.strip()]
-        return f"rank {rank}: {tail[-1] if tail else type(cause).__name__}"
+        cause = _unwrap(failures[rank])
+        if isinstance(cause, JobFailedError):
+            return cause
+        line, tb = root_cause(cause)
+        return WorkerFailedError(f"rank {rank}: {line}", traceback=tb)
+    cause = _unwrap(error)
+    if isinstance(cause, JobFailedError):
+        return cause
     lines = [line for line in str(error).splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
+    return JobFailedError(lines[-1] if lines else type(error).__name__)
+
+
+def _unwrap(error: BaseException) -> BaseException:
+    """Through Ray's RayTaskError/TrainingFailedError layers (`.cause`, `__cause__`) to ours."""
+    seen = 0
+    while seen < 10 and not isinstance(error, JobFailedError):
+        inner = getattr(error, "cause", None) or error.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        error, seen = inner, seen + 1
+    return error
