@@ -16,6 +16,7 @@ import faulthandler
 import logging
 import os
 import signal
+import time
 import traceback
 from pathlib import Path
 from typing import IO
@@ -26,6 +27,7 @@ from temper.errors import root_cause
 
 log = logging.getLogger(__name__)
 _BEACON = "temper/entered_step/"
+_TIMED_OUT = "temper/timed_out/"
 _current: RankLog | None = None
 
 
@@ -112,37 +114,53 @@ def _store():
 
 
 def describe_timeout(*, rank: int, world_size: int, timeout_s: float, detail: str) -> str:
-    """The collective-timeout message: which ranks never reached this rank's step, and the
-    last step each rank finished (from the store's beacons)."""
-    steps = _entered_steps(world_size)
+    """The collective-timeout message: which ranks never reached the collective (those that do
+    not time out themselves within a short grace), and the last step each rank finished."""
+    store = _store()
+    steps = _read_keys(store, _BEACON, world_size)
+    late = _stragglers(store, rank=rank, world_size=world_size, grace_s=min(5.0, timeout_s / 2))
     mine = steps.get(rank)
     where = f" in step {mine}" if mine is not None else ""
     text = f"a collective{where} waited longer than fault.collective_timeout_s={timeout_s:g}s"
-    if mine is not None and steps:
-        behind = sorted(r for r, s in steps.items() if s < mine)
-        finished = ", ".join(f"rank {r}: {s - 1}" for r, s in sorted(steps.items()))
-        if behind:
-            text += f": rank(s) {', '.join(map(str, behind))} never reached it"
-        text += f" (last step finished: {finished})"
+    if late:
+        text += f": rank(s) {', '.join(map(str, late))} never reached it"
+    if steps:
+        text += " (last step finished: " + ", ".join(f"rank {r}: {s - 1}" for r, s in sorted(steps.items())) + ")"
     else:
         text += f" ({detail})"
     return (text + "; every rank's stack is in its log (logs/rank-N.txt in the run folder and the "
             "MLflow run); fix the stalled rank, or raise fault.collective_timeout_s")
 
 
-def _entered_steps(world_size: int) -> dict[int, int]:
-    store = _store()
+def _stragglers(store, *, rank: int, world_size: int, grace_s: float) -> list[int]:
+    """Ranks that reached the collective time out too: each says so in the store; the ones
+    that have not said so after `grace_s` never got there."""
+    if store is None or world_size < 2:
+        return []
+    try:
+        store.set(f"{_TIMED_OUT}{rank}", "1")
+    except Exception:  # noqa: BLE001 - the store's host may be gone
+        return []
+    deadline = time.monotonic() + grace_s
+    while True:
+        missing = sorted(set(range(world_size)) - set(_read_keys(store, _TIMED_OUT, world_size)))
+        if not missing or time.monotonic() > deadline:
+            return missing
+        time.sleep(0.2)
+
+
+def _read_keys(store, prefix: str, world_size: int) -> dict[int, int]:
     if store is None:
         return {}
-    steps = {}
+    found = {}
     for r in range(world_size):
-        key = f"{_BEACON}{r}"
+        key = f"{prefix}{r}"
         try:
             if store.check([key]):
-                steps[r] = int(store.get(key))
+                found[r] = int(store.get(key))
         except Exception:  # noqa: BLE001 - the store's host may be gone
             continue
-    return steps
+    return found
 
 
 def failure_record(error: BaseException, *, rank: int) -> dict[str, str | int | None]:
