@@ -90,6 +90,11 @@ class RayLauncher(Launcher):
         if ray.is_initialized():
             return
         env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+        if job.spec.resources.gpus_per_worker > 0:  # before Ray Train creates the NCCL group
+            from temper.runtime.failure import flight_recorder_env
+
+            env = {**flight_recorder_env(job.run_info.run_folder), **{k: v for k, v in os.environ.items()
+                                                                       if k.startswith("TORCH_NCCL_")}, **env}
         # The dashboard hosts Ray's state API, which Ray Train's controller polls.
         kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": True,
                                   "configure_logging": True, "logging_level": "WARNING"}

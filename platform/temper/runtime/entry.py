@@ -25,7 +25,13 @@ from temper.console import ProgressDisplay
 from temper.dist import build_dist_context
 from temper.errors import JobFailedError, WorkerFailedError
 from temper.run_info import RunInfo
-from temper.runtime.failure import close_rank_log, describe_timeout, failure_record, open_rank_log
+from temper.runtime.failure import (
+    apply_flight_recorder_env,
+    close_rank_log,
+    describe_timeout,
+    failure_record,
+    open_rank_log,
+)
 from temper.runtime.loop import TrainResult, train
 from temper.runtime.profile import save_memory_snapshot_on_oom
 from temper.runtime.report import Reporter
@@ -59,6 +65,8 @@ def run_worker(spec_json: str, run_info: RunInfo | dict | None, *,
 
 
 def _train_worker(spec, run_info: RunInfo, *, reporter: Reporter | None, rank_log) -> TrainResult:
+    if spec.train.device != "cpu" and torch.cuda.is_available():
+        apply_flight_recorder_env(run_info.run_folder)  # Ray set its own before creating the group
     ctx = build_dist_context(device=spec.train.device, timeout_s=spec.fault.collective_timeout_s)
     if ctx.device.type == "cpu":
         # As many intra-op threads as CPUs reserved: every launcher computes identically.

@@ -90,13 +90,20 @@ def close_rank_log(rank_log: RankLog | None) -> None:
 class StepWatch:
     """Per step: re-arm the stack dump and publish the step this rank entered (one store set)."""
 
+    #: re-arm at most this often (re-arming costs ~40 us): the dump then fires up to this much
+    #: before a stalled step's own timeout, never later
+    REARM_S = 1.0
+
     def __init__(self, *, rank: int, world_size: int, timeout_s: float) -> None:
         self.rank, self.timeout_s = rank, timeout_s
         self.log = _current
         self.store = _store() if world_size > 1 else None
+        self.rearm_s = min(self.REARM_S, timeout_s / 4)
+        self.armed_at = -self.rearm_s
 
     def step(self, step: int) -> None:
-        if self.log is not None:
+        if self.log is not None and time.monotonic() - self.armed_at >= self.rearm_s:
+            self.armed_at = time.monotonic()
             self.log.arm(self.timeout_s)
         if self.store is not None:
             self.store.set(f"{_BEACON}{self.rank}", str(step))
@@ -167,3 +174,21 @@ def failure_record(error: BaseException, *, rank: int) -> dict[str, str | int | 
     """What the driver needs to name the cause: `rank R: <cause>` and the cause's traceback."""
     line, tb = root_cause(error)
     return {"rank": rank, "error": line, "traceback": tb}
+
+
+def flight_recorder_env(run_folder: str | None) -> dict[str, str]:
+    """NCCL's flight recorder (CUDA): the last 2000 collectives per rank, dumped on a collective
+    timeout to <run folder>/nccl/rank_<N>. Must be in the environment before the process group
+    exists; values the user set win (the launchers apply them with setdefault)."""
+    env = {"TORCH_NCCL_TRACE_BUFFER_SIZE": "2000", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1"}
+    if run_folder:
+        env["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] = str(Path(run_folder) / "nccl" / "rank_")
+    return env
+
+
+def apply_flight_recorder_env(run_folder: str | None) -> None:
+    """In this process, before the process group is created (torchrun, in-process)."""
+    for key, value in flight_recorder_env(run_folder).items():
+        os.environ.setdefault(key, value)
+    if run_folder:
+        Path(os.environ["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"]).parent.mkdir(parents=True, exist_ok=True)

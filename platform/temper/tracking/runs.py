@@ -273,7 +273,7 @@ def fit_param_value(key: str, value: str) -> str:
     return value[:MAX_PARAM_VALUE_CHARS - 3] + "..."
 
 
-def upload_run_folder(handle: RunHandle, folder: Path, *, parts: tuple[str, ...] = ("logs", "profile")) -> None:
+def upload_run_folder(handle: RunHandle, folder: Path, *, parts: tuple[str, ...] = ("logs", "profile", "nccl")) -> None:
     """The run folder's rank logs and profiles to the run's artifacts (logs/rank-N.txt, profile/).
     Best effort: the job's outcome never depends on it."""
     from mlflow import MlflowClient
