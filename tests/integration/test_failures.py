@@ -83,18 +83,20 @@ def test_exception_in_forward(launcher, tmp_path, mlflow_server, client, request
     assert "in hook" in proc.stderr and "ChildFailedError" not in proc.stderr
 
 
-@pytest.mark.parametrize("launcher", LAUNCHERS)
-def test_more_deaths_than_max_failures(launcher, tmp_path, mlflow_server, client, request) -> None:
-    extra = ("--address", request.getfixturevalue("ray_address")) if launcher == "ray" else ()
-    proc = temper("run", TINY_GPT, "--launcher", launcher, *extra, *SHORT, "--set", f"tracking.uri={mlflow_server.uri}",
+def test_more_deaths_than_max_failures(tmp_path, mlflow_server, client) -> None:
+    proc = temper("run", TINY_GPT, "--launcher", "torchrun", *SHORT, "--set", f"tracking.uri={mlflow_server.uri}",
                   "--set", "fault.max_failures=1", cwd=tmp_path, env={"TEMPER_FAULT": "raise:2:1"})
-    check_failure(proc, cause="injected fault at step 2 on rank 1", code=1, client=client, ranks=2)
+    line = check_failure(proc, cause="injected fault at step 2 on rank 1", code=1, client=client, ranks=2)
+    assert line.startswith("rank 1: RuntimeError: injected fault") and "restarted 1 time(s)" in line
 
 
-def test_nan_under_on_nan_stop(tmp_path, mlflow_server, client) -> None:
-    proc = temper("run", TINY_GPT, "--launcher", "inprocess", *SHORT, "--set", "resources.workers=1",
+@pytest.mark.parametrize("launcher", ["inprocess", pytest.param("ray", marks=pytest.mark.ray)])
+def test_nan_under_on_nan_stop(launcher, tmp_path, mlflow_server, client, request) -> None:
+    extra = ("--address", request.getfixturevalue("ray_address")) if launcher == "ray" else ()
+    workers = 2 if launcher == "ray" else 1
+    proc = temper("run", TINY_GPT, "--launcher", launcher, *extra, *SHORT, "--set", f"resources.workers={workers}",
                   "--set", f"tracking.uri={mlflow_server.uri}", cwd=tmp_path, env={"TEMPER_FAULT": "nan:2:*"})
-    line = check_failure(proc, cause="train/loss is nan at step 2", code=1, client=client, ranks=1)
+    line = check_failure(proc, cause="train/loss is nan at step 2", code=1, client=client, ranks=workers)
     assert line.startswith("rank 0: FloatingPointError: ")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -111,6 +112,8 @@ class RayLauncher(Launcher):
             need = r.workers * r.cpus_per_worker
             ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), **kwargs)
         self._started_ray = True
+        if not os.environ.get("TEMPER_VERBOSE"):
+            quiet_ray_internal_tracebacks()
         self._check_resources(job)
 
     def _check_resources(self, job: Job) -> None:
@@ -257,6 +260,40 @@ class RayLauncher(Launcher):
             import ray
 
             ray.shutdown()
+
+
+#: Ray Train's own actors: their tracebacks (a slow cleanup under load, the worker's failure
+#: re-logged) would bury the root cause; `--verbose` shows them
+RAY_INTERNAL_ACTORS = ("TrainController", "PlacementGroupCleaner")
+_TRACEBACK_LINE = re.compile(r"^(Traceback \(most recent call last\)|\s|[\w.]+(Error|Exception|Timeout)\b.*:)")
+
+
+def quiet_ray_internal_tracebacks() -> None:
+    """Drop traceback lines from Ray Train's internal actors on their way to this console
+    (every other forwarded line is kept). Uses Ray's log dispatcher, a private API: if it is
+    not there, nothing changes."""
+    try:
+        from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+    with dispatcher._lock:
+        for i, (name, handler) in enumerate(dispatcher.handlers):
+            if name == "ray_print_logs" and not getattr(handler, "temper_filtered", False):
+                dispatcher.handlers[i] = (name, _filtered(handler))
+
+
+def _filtered(handler):
+    def handle(data: dict) -> None:
+        who = data.get("actor_name") or data.get("task_name") or ""
+        if who.startswith(RAY_INTERNAL_ACTORS):
+            lines = [line for line in data.get("lines", []) if not _TRACEBACK_LINE.match(line)]
+            if not lines:
+                return
+            data = {**data, "lines": lines}
+        handler(data)
+
+    handle.temper_filtered = True
+    return handle
 
 
 def use_token_auth_if_available() -> None:

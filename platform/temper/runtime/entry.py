@@ -136,6 +136,8 @@ class _RayReporter(Reporter):
 def ray_train_loop(config: dict[str, Any]) -> None:
     """Ray Train's per-worker function: Ray exported RANK etc. and created the process group."""
     setup_logging()
+    if not os.environ.get("TEMPER_VERBOSE"):  # Ray Train re-logs our failure with its traceback
+        logging.getLogger("ray.train.v2._internal.util").setLevel(logging.CRITICAL)
     sink = config.get("progress_sink")
     if sink is not None:  # where this rank runs, for the driver's `temper.nodes` run tag
         import ray
