@@ -54,10 +54,7 @@ def run_job(spec: JobSpec, *, launcher: Launcher, workdir: Path, resume: str | N
     init = plan_init_from(spec, workdir=workdir)  # a pretrained backbone that does not fit fails here
     tags = {**_data_tags(spec), **(init.tags if init else {}), **(extra_tags or {})}
     tracking = _Tracking.begin(spec, plan=plan, launcher=launcher, workdir=workdir, extra_tags=tags)
-    tracking.run_folder = workdir / ".temper" / "runs" / (plan.run_id or tracking.folder_name)
-    run_info = tracking.run_info.with_(run_folder=str(tracking.run_folder))
-    if plan.changes and tracking.handle is not None:
-        tracking.record_spec_changes(plan.changes)
+    run_info = tracking.open_run_folder(plan)  # rank logs, profiles; a resume's spec changes recorded
     if init is not None:
         run_info = run_info.with_(init_from=init.location)
     if spec.checkpoint.enabled:  # a resumed run keeps its folder; a new one is named by its run id
@@ -167,6 +164,14 @@ class _Tracking:
         console.print(f"MLflow at {handle.tracking_uri} answers after "
                       f"{self.opener.unreachable_s:.1f} s: run [bold]{handle.run_id}[/bold]")
         _announce(handle)
+
+    def open_run_folder(self, plan) -> RunInfo:
+        """The run folder (.temper/runs/<run>/: rank logs, profiles, uploaded at the end) in the
+        workers' RunInfo; a resume that carries spec changes records them in the run now."""
+        self.run_folder = self.workdir / ".temper" / "runs" / (plan.run_id or self.folder_name)
+        if plan.changes and self.handle is not None:
+            self.record_spec_changes(plan.changes)
+        return self.run_info.with_(run_folder=str(self.run_folder))
 
     def record_spec_changes(self, changes: tuple[str, ...]) -> None:
         """A resume that trains on with changed values: say so in the run (tag + spec artifact)."""

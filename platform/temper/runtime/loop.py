@@ -37,7 +37,7 @@ from temper.runtime.failure import StepWatch
 from temper.runtime.faults import Fault, fault_from_env
 from temper.runtime.optim import build_optimizer, build_scheduler
 from temper.runtime.perf import PerfMeter, peak_flops
-from temper.runtime.profile import NoProfiler, build_profiler
+from temper.runtime.profile import build_profiler
 from temper.runtime.report import Reporter
 from temper.runtime.system import StepTimer, SystemSampler, node_name, rank_metrics
 from temper.spec.job import JobSpec
@@ -203,10 +203,10 @@ class _Loop:
     perf: PerfMeter
     probe: _Probe
     result: TrainResult
+    watch: StepWatch  # the stack dump armed per step, the step beacon (runtime/failure.py)
+    profiler: Any  # train.profile (runtime/profile.py); a no-op when unset
     skips: _Skips = field(default_factory=_Skips)
     fault: Fault | None = field(default_factory=fault_from_env)
-    watch: StepWatch | None = None  # stack dump armed per step, the step beacon (runtime/failure.py)
-    profiler: Any = field(default_factory=NoProfiler)  # train.profile (runtime/profile.py)
 
     def __post_init__(self) -> None:
         self.window = _Window.empty(self.ctx.device)
@@ -218,10 +218,9 @@ class _Loop:
         t, result = self.spec.train, self.result
         batches = self.data.train_batches()
         self.strategy.model.train()
-        watch = self.watch or StepWatch(rank=self.ctx.rank, world_size=1, timeout_s=self.spec.fault.collective_timeout_s)
         self.profiler.step(result.steps)
         for step in range(result.steps + 1, t.max_steps + 1):
-            watch.step(step)
+            self.watch.step(step)
             if self.fault is not None:
                 self.fault.before_step(step=step, rank=self.ctx.rank)
             lr = self.scheduler.get_last_lr()[0]
