@@ -12,6 +12,8 @@ Workers read its fields, never a loose dict:
     experiment, run_name     to create the run later, if the server was down for the whole job
     checkpoint_dir           this run's checkpoint folder (None: checkpointing off)
     init_from                where init_from's weights are (resolved by the driver)
+    run_folder               where each rank writes logs/rank-N.txt (and profile/): the
+                             driver uploads the folder to the MLflow run at the end
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class RunInfo:
     run_name: str | None = None
     checkpoint_dir: str | None = None
     init_from: InitFromLocation | None = None
+    run_folder: str | None = None
 
     def with_(self, **changes: Any) -> RunInfo:
         """A copy with `changes` (the driver fills it in as it learns more)."""

@@ -113,3 +113,19 @@ def test_rejected_job_is_one_line_and_fails_its_run(tmp_path, mlflow_server, hea
     assert head in line and "Ray refused the job" in line and "exceeds the maximum size" in line, line
     (run,) = client.search_runs([client.get_experiment_by_name("submit-rejected").experiment_id])
     assert run.info.status == "FAILED" and "refused the job" in run.data.tags["temper.error"]
+
+
+@pytest.mark.ray
+def test_submit_follow_ends_with_the_root_cause(tmp_path, mlflow_server, head, client) -> None:
+    """A submitted job that fails: `--follow` ends with the driver's `error: rank R: <cause>`
+    line (docs/troubleshooting.md), the run is FAILED with it and the rank logs are in it."""
+    proc = temper("submit", *tiny(mlflow_server, "submit-fails", "--set", "train.max_steps=3",
+                                  "--set", "optim.lr=1e12", "--set", "optim.grad_clip=null"),
+                  "--to", head, "--follow", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith("error: rank 0: FloatingPointError: train/loss is"), proc.stderr[-3000:]
+    run_id = next(line.split()[2].rstrip(":") for line in proc.stderr.splitlines() if line.startswith("MLflow run "))
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED" and run.data.tags["temper.error"] == last[len("error: "):]
+    assert {a.path for a in client.list_artifacts(run_id, "logs")} == {"logs/rank-0.txt", "logs/rank-1.txt"}

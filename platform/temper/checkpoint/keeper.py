@@ -24,7 +24,7 @@ from temper.checkpoint.storage import storage_options
 from temper.dist import DistContext
 from temper.run_info import RunInfo
 from temper.spec.job import JobSpec
-from temper.spec.loader import spec_hash
+from temper.spec.loader import spec_hash, spec_to_dict
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,8 @@ class CheckpointKeeper:
         return self.checkpointer.save(
             step=step, strategy=strategy, spec_hash=self.hash, run_id=self.run_id,
             data=data.state_dict(), rank_state=rank_state,
-            extra={"model": self.spec.model.model_dump(mode="json"), "name": self.spec.name},
+            extra={"model": self.spec.model.model_dump(mode="json"), "name": self.spec.name,
+                   "spec": spec_to_dict(self.spec)},  # the driver's resume check compares it (compat.py)
             mesh=_mesh(strategy),
         )
 

@@ -33,6 +33,7 @@ class ResumePlan:
     path: str | None = None  # that checkpoint's folder
     note: str | None = None  # what the driver tells the user
     marker_run_id: str | None = None  # a `pending-` folder's MLflow run, created after it
+    changes: tuple[str, ...] = ()  # spec changes since the checkpoint that it loads with ("key: old -> new")
 
     def run_dir(self, run_id: str) -> str:
         return join(self.root, run_id)
@@ -74,6 +75,24 @@ def new_local_run_id() -> str:
 
 def plan_resume(spec: JobSpec, *, workdir: Path, resume: str | None = None, no_resume: bool = False,
                 run_id: str | None = None) -> ResumePlan:
+    """The plan; a resume whose checkpoint cannot load under `spec` is refused here (exit 2),
+    before any run or worker starts (checkpoint/compat.py)."""
+    plan = _plan(spec, workdir=workdir, resume=resume, no_resume=no_resume, run_id=run_id)
+    if plan.step is None or plan.path is None:
+        return plan
+    from dataclasses import replace
+
+    from temper.checkpoint import read_checkpoint
+    from temper.checkpoint.compat import check_resume
+    from temper.spec.loader import spec_to_dict
+
+    extra = read_checkpoint(plan.path, storage_options=storage_options(spec)).manifest.extra or {}
+    saved = extra.get("spec") or ({"model": extra["model"]} if "model" in extra else {})
+    changes = check_resume(saved=saved, now=spec_to_dict(spec), where=f"run {plan.run_id} from step {plan.step}")
+    return replace(plan, changes=changes)
+
+
+def _plan(spec: JobSpec, *, workdir: Path, resume: str | None, no_resume: bool, run_id: str | None) -> ResumePlan:
     root = checkpoint_root(spec, workdir=workdir)
     if run_id is not None:
         return _attach(spec, root=root, run_id=run_id)

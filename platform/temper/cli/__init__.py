@@ -64,6 +64,10 @@ def run(
         str | None, typer.Option("--run-id", help="Log into this existing MLflow run (what `temper "
                                  "submit` passes); resumes from its newest checkpoint if it has one.")
     ] = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="On failure, show every rank's traceback and the launcher's "
+                           "own reports (default: the root cause only; every rank's log is in the run).")
+    ] = False,
 ) -> None:
     """Train the job: start the workers, record the run in MLflow, wait for the end.
 
@@ -75,6 +79,10 @@ def run(
     if sum(map(bool, (resume, no_resume, run_id))) > 1:
         raise TemperError("--resume, --no-resume and --run-id exclude each other; pass one")
     spec = load_spec(job, set_ or [])
+    if verbose:
+        import os
+
+        os.environ["TEMPER_VERBOSE"] = "1"  # read by the workers and the torchrun agent
     chosen = build_launcher(launcher, address=address)
     outcome = run_job(spec, launcher=chosen, workdir=Path.cwd(), resume=resume, no_resume=no_resume,
                       run_id=run_id)

@@ -123,16 +123,21 @@ def register(app: typer.Typer) -> None:
 
 
 def _follow(target, job_id: str) -> None:
+    cause = None  # the driver's `error: rank R: <root cause>` line, repeated last
     for chunk in target.logs(job_id, follow=True):
         typer.echo(chunk, nl=False)
+        cause = next((line for line in reversed(chunk.splitlines()) if line.startswith("error: ")), cause)
     st = target.status(job_id)
     for _ in range(20):  # the log stream can close a moment before the state is final
         if st.state in ("SUCCEEDED", "FAILED", "STOPPED"):
             break
         time.sleep(0.5)
         st = target.status(job_id)
-    console.print(f"job {job_id} {st.state}" + (f": {st.message}" if st.message else ""), markup=False)
+    console.print(f"job {job_id} {st.state}" + (f": {st.message.splitlines()[0]}" if st.message else ""),
+                  markup=False)
     if st.state != "SUCCEEDED":
+        if cause:
+            console.print(cause, markup=False)
         raise typer.Exit(1)
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from temper.console import console
-from temper.errors import JobFailedError, TemperError
+from temper.errors import JobFailedError, TemperError, WorkerFailedError
 from temper.launch.base import Job, Launcher, LaunchResult
 from temper.launch.signals import sigterm_interrupts
 from temper.run_info import RunInfo
@@ -54,7 +54,7 @@ def run_job(spec: JobSpec, *, launcher: Launcher, workdir: Path, resume: str | N
     init = plan_init_from(spec, workdir=workdir)  # a pretrained backbone that does not fit fails here
     tags = {**_data_tags(spec), **(init.tags if init else {}), **(extra_tags or {})}
     tracking = _Tracking.begin(spec, plan=plan, launcher=launcher, workdir=workdir, extra_tags=tags)
-    run_info = tracking.run_info
+    run_info = tracking.open_run_folder(plan)  # rank logs, profiles; a resume's spec changes recorded
     if init is not None:
         run_info = run_info.with_(init_from=init.location)
     if spec.checkpoint.enabled:  # a resumed run keeps its folder; a new one is named by its run id
@@ -79,6 +79,11 @@ def run_job(spec: JobSpec, *, launcher: Launcher, workdir: Path, resume: str | N
         console.print(f"[yellow]{error}: stopping the workers...[/yellow]")
         tracking.finish(status=status, error=error)  # first: a stopped cluster job has seconds before SIGKILL
         launcher.stop()
+        raise
+    except WorkerFailedError as e:
+        error = str(e)
+        if e.traceback:  # the root cause's own traceback, once (every rank's is in its log)
+            console.print(e.traceback.rstrip(), markup=False, style="dim")
         raise
     except TemperError as e:
         error = str(e)
@@ -112,6 +117,7 @@ class _Tracking:
         self.run_info = RunInfo()
         self.folder_name: str = ""
         self.checkpoint_dir: str | None = None
+        self.run_folder: Path | None = None  # rank logs and profiles, uploaded at the end
         self._finished = False
 
     @classmethod
@@ -159,6 +165,25 @@ class _Tracking:
                       f"{self.opener.unreachable_s:.1f} s: run [bold]{handle.run_id}[/bold]")
         _announce(handle)
 
+    def open_run_folder(self, plan) -> RunInfo:
+        """The run folder (.temper/runs/<run>/: rank logs, profiles, uploaded at the end) in the
+        workers' RunInfo; a resume that carries spec changes records them in the run now."""
+        self.run_folder = self.workdir / ".temper" / "runs" / (plan.run_id or self.folder_name)
+        if plan.changes and self.handle is not None:
+            self.record_spec_changes(plan.changes)
+        return self.run_info.with_(run_folder=str(self.run_folder))
+
+    def record_spec_changes(self, changes: tuple[str, ...]) -> None:
+        """A resume that trains on with changed values: say so in the run (tag + spec artifact)."""
+        from temper.spec.loader import spec_to_yaml
+        from temper.tracking.runs import record_spec_changes
+
+        try:
+            name = record_spec_changes(self.handle, changes=list(changes), spec_yaml=spec_to_yaml(self.spec))
+            console.print(f"recorded the changed spec in the run: tag temper.spec_changes, {name}", markup=False)
+        except Exception as e:  # noqa: BLE001 - the run still trains; the warning says what is missing
+            log.warning("could not record the spec changes in MLflow run %s: %s", self.handle.run_id, e)
+
     def tag_checkpoint_dir(self, handle) -> None:
         from temper.tracking.runs import tag_run
 
@@ -180,7 +205,10 @@ class _Tracking:
         handle = self.opener.wait(self.spec.tracking.close_timeout_s)
         if handle is not None:
             from temper.tracking import end_run
+            from temper.tracking.runs import upload_run_folder
 
+            if self.run_folder is not None:
+                upload_run_folder(handle, self.run_folder)
             end_run(handle, status=status, error=error)
             return handle
         from temper.tracking.spool import Spool

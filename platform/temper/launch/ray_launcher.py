@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from temper.console import ProgressDisplay, console
-from temper.errors import JobFailedError, TemperError
+from temper.errors import JobFailedError, TemperError, WorkerFailedError, root_cause
 from temper.launch.base import STOP_GRACE_S, Job, Launcher, LaunchResult
 from temper.launch.signals import sigterm_interrupts
 
@@ -29,6 +30,7 @@ FORWARDED_ENV = (
     "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3",
     "TEMPER_FAULT", "TEMPER_FAULT_ONCE",  # fault injection (temper.runtime.faults)
     "TEMPER_SPOOL_DIR",  # where undelivered metrics wait (temper.tracking.spool)
+    "TEMPER_VERBOSE",  # `temper run --verbose`
 )
 
 
@@ -89,6 +91,11 @@ class RayLauncher(Launcher):
         if ray.is_initialized():
             return
         env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+        if job.spec.resources.gpus_per_worker > 0:  # before Ray Train creates the NCCL group
+            from temper.runtime.failure import flight_recorder_env
+
+            env = {**flight_recorder_env(job.run_info.run_folder), **{k: v for k, v in os.environ.items()
+                                                                       if k.startswith("TORCH_NCCL_")}, **env}
         # The dashboard hosts Ray's state API, which Ray Train's controller polls.
         kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": True,
                                   "configure_logging": True, "logging_level": "WARNING"}
@@ -105,6 +112,8 @@ class RayLauncher(Launcher):
             need = r.workers * r.cpus_per_worker
             ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), **kwargs)
         self._started_ray = True
+        if not os.environ.get("TEMPER_VERBOSE"):
+            quiet_ray_internal_tracebacks()
         self._check_resources(job)
 
     def _check_resources(self, job: Job) -> None:
@@ -164,7 +173,7 @@ class RayLauncher(Launcher):
         except KeyboardInterrupt:
             raise
         except Exception as e:  # Ray wraps worker errors; surface the root cause
-            raise JobFailedError(_ray_root_cause(e)) from e
+            raise _ray_root_cause(e) from e
         finally:
             self._stop.set()
             pump.join(timeout=5)
@@ -253,6 +262,40 @@ class RayLauncher(Launcher):
             ray.shutdown()
 
 
+#: Ray Train's own actors: their tracebacks (a slow cleanup under load, the worker's failure
+#: re-logged) would bury the root cause; `--verbose` shows them
+RAY_INTERNAL_ACTORS = ("TrainController", "PlacementGroupCleaner")
+_TRACEBACK_LINE = re.compile(r"^(Traceback \(most recent call last\)|\s|[\w.]+(Error|Exception|Timeout)\b.*:)")
+
+
+def quiet_ray_internal_tracebacks() -> None:
+    """Drop traceback lines from Ray Train's internal actors on their way to this console
+    (every other forwarded line is kept). Uses Ray's log dispatcher, a private API: if it is
+    not there, nothing changes."""
+    try:
+        from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+    with dispatcher._lock:
+        for i, (name, handler) in enumerate(dispatcher.handlers):
+            if name == "ray_print_logs" and not getattr(handler, "temper_filtered", False):
+                dispatcher.handlers[i] = (name, _filtered(handler))
+
+
+def _filtered(handler):
+    def handle(data: dict) -> None:
+        who = data.get("actor_name") or data.get("task_name") or ""
+        if who.startswith(RAY_INTERNAL_ACTORS):
+            lines = [line for line in data.get("lines", []) if not _TRACEBACK_LINE.match(line)]
+            if not lines:
+                return
+            data = {**data, "lines": lines}
+        handler(data)
+
+    handle.temper_filtered = True
+    return handle
+
+
 def use_token_auth_if_available() -> None:
     """Join with token auth when a Ray token is at hand, as `ray start` itself decides.
 
@@ -285,14 +328,29 @@ def _tag_nodes(job: Job, nodes: dict[int, str]) -> None:
         log.warning("could not tag MLflow run %s with temper.nodes (%s)", info.run_id, e)
 
 
-def _ray_root_cause(error: Exception) -> str:
+def _ray_root_cause(error: Exception) -> JobFailedError:
+    """The lowest failing rank's own error (run_worker's "rank R: cause"), out of Ray's wrappers."""
     failures = getattr(error, "worker_failures", None)
     if failures:
         rank = min(failures)
-        cause = failures[rank]
-        cause = getattr(cause, "cause", None) or cause
-        text = f"{type(cause).__name__}: {cause}".strip().splitlines()
-        tail = [line for line in text if line.strip()]
-        return f"rank {rank}: {tail[-1] if tail else type(cause).__name__}"
+        cause = _unwrap(failures[rank])
+        if isinstance(cause, JobFailedError):
+            return cause
+        line, tb = root_cause(cause)
+        return WorkerFailedError(f"rank {rank}: {line}", traceback=tb)
+    cause = _unwrap(error)
+    if isinstance(cause, JobFailedError):
+        return cause
     lines = [line for line in str(error).splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
+    return JobFailedError(lines[-1] if lines else type(error).__name__)
+
+
+def _unwrap(error: BaseException) -> BaseException:
+    """Through Ray's RayTaskError/TrainingFailedError layers (`.cause`, `__cause__`) to ours."""
+    seen = 0
+    while seen < 10 and not isinstance(error, JobFailedError):
+        inner = getattr(error, "cause", None) or error.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        error, seen = inner, seen + 1
+    return error

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from temper.console import console
-from temper.errors import JobFailedError
+from temper.errors import JobFailedError, WorkerFailedError
 from temper.launch.base import STOP_GRACE_S, Job, Launcher, LaunchResult
 from temper.runtime.report import STOP_FILE_ENV
 
@@ -29,7 +29,7 @@ class TorchrunLauncher(Launcher):
 
     def command(self, job: Job, *, job_file: Path, result_file: Path) -> list[str]:
         return [
-            sys.executable, "-m", "torch.distributed.run",
+            sys.executable, "-m", "temper.launch.torchrun_agent",  # torchrun, quiet on failure
             "--standalone", "--nnodes=1", f"--nproc-per-node={job.spec.resources.workers}",
             # fault.max_failures: torchrun restarts the workers, which resume from the last checkpoint
             f"--max-restarts={job.spec.fault.max_failures}",
@@ -60,7 +60,7 @@ class TorchrunLauncher(Launcher):
                 self._graceful_stop(tmpdir / "stop")
                 raise
             if code != 0:
-                raise JobFailedError(_root_cause(tmpdir, code))
+                raise _root_cause(tmpdir, code)
             data = json.loads(result_file.read_text())
         return LaunchResult(
             steps=data["steps"], metrics=data["metrics"],
@@ -87,16 +87,25 @@ class TorchrunLauncher(Launcher):
             proc.wait()
 
 
-def _root_cause(tmpdir: Path, code: int) -> str:
+def _root_cause(tmpdir: Path, code: int) -> JobFailedError:
     """The original cause: the first failing rank's error in the first failed attempt (with
     restarts, later attempts may fail differently, e.g. on a peer that is already gone)."""
     errors = [json.loads(p.read_text()) | {"mtime": p.stat().st_mtime} for p in tmpdir.glob("error-*.json")]
     if not errors:
-        return f"torchrun exited with code {code}; see the worker output above"
-    errors.sort(key=lambda e: (e.get("attempt", 0), e["mtime"]))
+        return JobFailedError(f"torchrun exited with code {code} and no worker left an error (killed? out of "
+                              "memory?); see the rank logs in the run folder")
+    errors.sort(key=lambda e: (e.get("attempt", 0), _secondary(e["error"]), e["mtime"]))
     first, last = errors[0], errors[-1]
     text = f"rank {first['rank']}: {first['error']}"
     if last.get("attempt", 0) > first.get("attempt", 0):
         text += (f" (the workers were restarted {last['attempt']} time(s), fault.max_failures; "
                  f"the last attempt failed with rank {last['rank']}: {last['error'][:300]})")
-    return text
+    return WorkerFailedError(text, traceback=first.get("traceback"))
+
+
+#: what a rank reports when a peer died first: never the root cause while a peer has its own
+SECONDARY = ("connection closed by peer", "connection reset by peer", "remote worker crashing", "broken pipe")
+
+
+def _secondary(message: str) -> bool:
+    return any(s in message.lower() for s in SECONDARY)

@@ -23,9 +23,17 @@ import torch
 
 from temper.console import ProgressDisplay
 from temper.dist import build_dist_context
-from temper.errors import TemperError
+from temper.errors import JobFailedError, WorkerFailedError
 from temper.run_info import RunInfo
+from temper.runtime.failure import (
+    apply_flight_recorder_env,
+    close_rank_log,
+    describe_timeout,
+    failure_record,
+    open_rank_log,
+)
 from temper.runtime.loop import TrainResult, train
+from temper.runtime.profile import save_memory_snapshot_on_oom
 from temper.runtime.report import Reporter
 from temper.spec.loader import spec_from_json
 
@@ -42,10 +50,23 @@ def setup_logging() -> None:
 
 
 def run_worker(spec_json: str, run_info: RunInfo | dict | None, *,
-               reporter: Reporter | None = None) -> TrainResult:
-    """Rebuild the spec and the RunInfo, join the process group, and train. Every rank calls this."""
+               reporter: Reporter | None = None, dump_on_sigterm: bool = False) -> TrainResult:
+    """Rebuild the spec and the RunInfo, join the process group, and train. Every rank calls this.
+    A failure is raised as JobFailedError("rank R: <root cause>"), the full traceback kept in
+    the rank's log (runtime/failure.py)."""
     spec = spec_from_json(spec_json)
     run_info = RunInfo.from_dict(run_info)
+    rank = int(os.environ.get("RANK", "0"))
+    rank_log = open_rank_log(run_info.run_folder, rank=rank, dump_on_sigterm=dump_on_sigterm)
+    try:
+        return _train_worker(spec, run_info, reporter=reporter, rank_log=rank_log)
+    finally:
+        close_rank_log(rank_log)
+
+
+def _train_worker(spec, run_info: RunInfo, *, reporter: Reporter | None, rank_log) -> TrainResult:
+    if spec.train.device != "cpu" and torch.cuda.is_available():
+        apply_flight_recorder_env(run_info.run_folder)  # Ray set its own before creating the group
     ctx = build_dist_context(device=spec.train.device, timeout_s=spec.fault.collective_timeout_s)
     if ctx.device.type == "cpu":
         # As many intra-op threads as CPUs reserved: every launcher computes identically.
@@ -58,17 +79,28 @@ def run_worker(spec_json: str, run_info: RunInfo | dict | None, *,
         result = train(spec, ctx, run_info=run_info, reporter=reporter)
         ok = True
         return result
-    except RuntimeError as e:
-        if "timed out" in str(e).lower() or "timeout" in str(e).lower():
-            raise TemperError(
-                f"rank {ctx.rank}: a collective waited longer than fault.collective_timeout_s="
-                f"{spec.fault.collective_timeout_s:g}s (a peer stalled or died: {str(e).splitlines()[0][:200]}); "
-                "check the other ranks' logs, or raise fault.collective_timeout_s"
-            ) from e
-        raise
+    except Exception as e:
+        if rank_log is not None:
+            rank_log.record_failure(e)
+        save_memory_snapshot_on_oom(e, run_folder=run_info.run_folder, rank=ctx.rank)
+        if _is_timeout(e):
+            message = describe_timeout(rank=ctx.rank, world_size=ctx.world_size,
+                                       timeout_s=spec.fault.collective_timeout_s,
+                                       detail=str(e).splitlines()[0][:200])
+            failure = WorkerFailedError(f"rank {ctx.rank}: {message}")
+        else:
+            record = failure_record(e, rank=ctx.rank)
+            failure = WorkerFailedError(f"rank {ctx.rank}: {record['error']}", traceback=record["traceback"])
+        _write_error(failure)  # before the process group closes: peers then fail on this rank's absence
+        raise failure from e
     finally:
         reporter.close()
         ctx.close(wait_for_peers=ok)
+
+
+def _is_timeout(error: Exception) -> bool:
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and ("timed out" in text or "timeout" in text)
 
 
 class _RayReporter(Reporter):
@@ -104,6 +136,8 @@ class _RayReporter(Reporter):
 def ray_train_loop(config: dict[str, Any]) -> None:
     """Ray Train's per-worker function: Ray exported RANK etc. and created the process group."""
     setup_logging()
+    if not os.environ.get("TEMPER_VERBOSE"):  # Ray Train re-logs our failure with its traceback
+        logging.getLogger("ray.train.v2._internal.util").setLevel(logging.CRITICAL)
     sink = config.get("progress_sink")
     if sink is not None:  # where this rank runs, for the driver's `temper.nodes` run tag
         import ray
@@ -111,7 +145,7 @@ def ray_train_loop(config: dict[str, Any]) -> None:
         node = ray.get_runtime_context().get_node_id()
         sink.register.remote(int(os.environ.get("RANK", "0")), f"{ray.util.get_node_ip_address()}/{node[:12]}")
     reporter = _RayReporter(sink, is_main=os.environ.get("RANK") == "0")
-    run_worker(config["spec_json"], config.get("run_info"), reporter=reporter)
+    run_worker(config["spec_json"], config.get("run_info"), reporter=reporter, dump_on_sigterm=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,10 +157,15 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     job = json.loads(args.job_file.read_text())
     try:
-        result = run_worker(job["spec_json"], job.get("run_info"))
-    except BaseException as e:
-        _write_error(e)
+        result = run_worker(job["spec_json"], job.get("run_info"), dump_on_sigterm=True)
+    except KeyboardInterrupt:
         raise
+    except BaseException as e:
+        if not isinstance(e, JobFailedError):  # run_worker wrote its own already
+            _write_error(e)
+        if os.environ.get("TEMPER_VERBOSE"):
+            raise
+        return 1  # the driver prints the root cause once; the traceback is in the rank's log
     if args.result_file is not None and os.environ.get("RANK", "0") == "0":
         args.result_file.write_text(json.dumps(result.__dict__))
     return 0
@@ -135,13 +174,17 @@ def main(argv: list[str] | None = None) -> int:
 def _write_error(error: BaseException) -> None:
     """Leave this rank's error where the torchrun driver looks for the root cause."""
     folder = os.environ.get("TEMPER_ERROR_DIR")
-    if not folder or isinstance(error, KeyboardInterrupt):
+    if not folder:
         return
     rank = os.environ.get("RANK", "0")
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))  # torchrun's restarts
-    message = f"{type(error).__name__}: {error}".splitlines()[0]
+    if isinstance(error, WorkerFailedError):  # run_worker's "rank R: cause"
+        message, tb = str(error).split(": ", 1)[1], getattr(error, "traceback", None)
+    else:
+        record = failure_record(error, rank=int(rank))
+        message, tb = record["error"], record["traceback"]
     Path(folder, f"error-attempt{attempt}-rank{rank}.json").write_text(
-        json.dumps({"rank": rank, "attempt": attempt, "error": message}))
+        json.dumps({"rank": rank, "attempt": attempt, "error": message, "traceback": tb}))
 
 
 if __name__ == "__main__":

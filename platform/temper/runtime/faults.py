@@ -3,6 +3,7 @@
     TEMPER_FAULT=KIND:STEPS:RANK      e.g.  kill:6:1   nan:5-7:*   raise:4:0   hang:3:1
 
 KIND is `kill` (the worker SIGKILLs itself before step STEPS), `raise` (a RuntimeError),
+`forward` (a RuntimeError from inside the model's forward, through a forward pre-hook),
 `hang` (the worker sleeps, so its peers' next collective times out) or `nan` (the training
 loss of those steps becomes NaN). STEPS is one step or a range `A-B`; RANK a rank or `*`.
 With `TEMPER_FAULT_ONCE=PATH` the fault fires only while PATH does not exist (it is
@@ -18,7 +19,7 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ import torch
 from temper.errors import TemperError
 
 log = logging.getLogger(__name__)
-KINDS = ("kill", "raise", "hang", "nan")
+KINDS = ("kill", "raise", "forward", "hang", "nan")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class Fault:
     last: int
     rank: int | None  # None: every rank
     once_file: Path | None = None
+    step: list[int] = field(default_factory=lambda: [0])  # the step running now (for `forward`)
 
     def hits(self, *, step: int, rank: int) -> bool:
         if not self.first <= step <= self.last or self.rank not in (None, rank):
@@ -44,7 +46,8 @@ class Fault:
 
     def before_step(self, *, step: int, rank: int) -> None:
         """kill / raise / hang right before `step` runs."""
-        if self.kind == "nan" or not self.hits(step=step, rank=rank):
+        self.step[0] = step
+        if self.kind in ("nan", "forward") or not self.hits(step=step, rank=rank):
             return
         self._mark()
         log.warning("TEMPER_FAULT: injecting %s at step %d on rank %d", self.kind, step, rank)
@@ -53,6 +56,19 @@ class Fault:
         if self.kind == "raise":
             raise RuntimeError(f"injected fault at step {step} on rank {rank} (TEMPER_FAULT)")
         time.sleep(10**6)  # hang: a peer's collective times out first
+
+    def install(self, model: torch.nn.Module, *, rank: int) -> None:
+        """`forward`: raise from the model's forward during the fault's steps."""
+        if self.kind != "forward":
+            return
+
+        def hook(module, args):
+            if self.hits(step=self.step[0], rank=rank):
+                self._mark()
+                raise RuntimeError(f"injected fault in {type(module).__name__}.forward at step "
+                                   f"{self.step[0]} on rank {rank} (TEMPER_FAULT)")
+
+        model.register_forward_pre_hook(hook)
 
     def poison(self, loss: torch.Tensor, *, step: int, rank: int) -> torch.Tensor:
         """The loss, NaN when a `nan` fault covers this step and rank."""

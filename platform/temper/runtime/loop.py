@@ -33,9 +33,11 @@ from temper.models import build_model
 from temper.objectives import build_objective
 from temper.objectives.base import Objective
 from temper.run_info import InitFromLocation, RunInfo
+from temper.runtime.failure import StepWatch
 from temper.runtime.faults import Fault, fault_from_env
 from temper.runtime.optim import build_optimizer, build_scheduler
 from temper.runtime.perf import PerfMeter, peak_flops
+from temper.runtime.profile import build_profiler
 from temper.runtime.report import Reporter
 from temper.runtime.system import StepTimer, SystemSampler, node_name, rank_metrics
 from temper.spec.job import JobSpec
@@ -148,11 +150,16 @@ def train(
     )
     loop = _Loop(spec=spec, ctx=ctx, strategy=strategy, objective=objective, scheduler=scheduler,
                  data=data, tracker=tracker, keeper=keeper, reporter=reporter, perf=perf, probe=probe,
-                 result=result)
+                 result=result,
+                 watch=StepWatch(rank=ctx.rank, world_size=ctx.world_size, timeout_s=spec.fault.collective_timeout_s),
+                 profiler=build_profiler(spec.train.profile, run_folder=run_info.run_folder, rank=ctx.rank,
+                                         device=ctx.device))
     try:
         loop.run()
         keeper.close()  # an async save in flight is committed before the run ends
     finally:
+        loop.watch.close()
+        loop.profiler.close()
         tracker.close()
         strategy.close()
     return result
@@ -196,18 +203,24 @@ class _Loop:
     perf: PerfMeter
     probe: _Probe
     result: TrainResult
+    watch: StepWatch  # the stack dump armed per step, the step beacon (runtime/failure.py)
+    profiler: Any  # train.profile (runtime/profile.py); a no-op when unset
     skips: _Skips = field(default_factory=_Skips)
     fault: Fault | None = field(default_factory=fault_from_env)
 
     def __post_init__(self) -> None:
         self.window = _Window.empty(self.ctx.device)
+        if self.fault is not None:
+            self.fault.install(self.strategy.model, rank=self.ctx.rank)
         self.autocast = _autocast_factory(self.spec, self.ctx)
 
     def run(self) -> None:
         t, result = self.spec.train, self.result
         batches = self.data.train_batches()
         self.strategy.model.train()
+        self.profiler.step(result.steps)
         for step in range(result.steps + 1, t.max_steps + 1):
+            self.watch.step(step)
             if self.fault is not None:
                 self.fault.before_step(step=step, rank=self.ctx.rank)
             lr = self.scheduler.get_last_lr()[0]
@@ -230,6 +243,7 @@ class _Loop:
                 return
             if self.data.has_eval and ((t.eval_every and step % t.eval_every == 0) or last):
                 self.evaluate(step=step)
+            self.profiler.step(step)
 
     def log_window(self, *, step: int, lr: float, last: bool) -> None:
         """Close the window (one all-gather: metrics, stop flag, probes), log and report it."""

@@ -143,6 +143,19 @@ class OptimSpec(BaseSpec):
     schedule: ScheduleSpec = ScheduleSpec()
 
 
+class ProfileSpec(BaseSpec):
+    """A torch.profiler trace of a few steps on every rank (`train.profile`)."""
+
+    start_step: int = Field(default=20, ge=1, description="First profiled step.")
+    steps: int = Field(default=5, ge=1, le=100, description="Steps recorded (keep it small: traces grow fast).")
+    record_shapes: bool = Field(default=True, description="Record operator input shapes.")
+    profile_memory: bool = Field(default=True, description="Record tensor allocations.")
+    with_stack: bool = Field(default=False, description="Record Python stacks (larger, slower traces).")
+    memory_snapshot: bool = Field(
+        default=True, description="On CUDA: record the allocator history (torch.cuda.memory) over the "
+        "profiled steps and write a snapshot; also written if the job dies of out-of-memory.")
+
+
 class TrainSpec(BaseSpec):
     """Steps, batch sizes, logging and evaluation cadence, precision and device."""
 
@@ -168,6 +181,9 @@ class TrainSpec(BaseSpec):
     max_nan_skips: int = Field(
         default=5, ge=1, description="on_nan=skip: fail after this many consecutive skipped steps."
     )
+    profile: ProfileSpec | None = Field(
+        default=None, description="Profile steps start_step.. on every rank: traces, a top-ops table "
+        "and (CUDA) a memory snapshot go to the MLflow run under profile/ (docs/troubleshooting.md).")
 
 
 class ResourcesSpec(BaseSpec):

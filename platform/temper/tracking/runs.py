@@ -271,3 +271,34 @@ def fit_param_value(key: str, value: str) -> str:
     log.warning("param %s is %d characters; MLflow keeps at most %d, truncating (spec.yaml "
                 "has the full value)", key, len(value), MAX_PARAM_VALUE_CHARS)
     return value[:MAX_PARAM_VALUE_CHARS - 3] + "..."
+
+
+def upload_run_folder(handle: RunHandle, folder: Path, *, parts: tuple[str, ...] = ("logs", "profile", "nccl")) -> None:
+    """The run folder's rank logs and profiles to the run's artifacts (logs/rank-N.txt, profile/).
+    Best effort: the job's outcome never depends on it."""
+    from mlflow import MlflowClient
+
+    try:
+        client = MlflowClient(tracking_uri=handle.tracking_uri)
+        for part in parts:
+            sub = folder / part
+            if sub.is_dir() and any(sub.iterdir()):
+                client.log_artifacts(handle.run_id, str(sub), artifact_path=part)
+    except Exception as e:  # noqa: BLE001 - logs are worth a warning, not a failed job
+        log.warning("could not upload %s to MLflow run %s (%s)", folder, handle.run_id, short_reason(e))
+
+
+def record_spec_changes(handle: RunHandle, *, changes: list[str], spec_yaml: str) -> str:
+    """A resumed run trained on with a changed spec: the diff as the `temper.spec_changes` tag
+    and the new resolved spec as `spec-resume-<k>.yaml` (k-th such resume); returns that name."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=handle.tracking_uri)
+    known = [a.path for a in client.list_artifacts(handle.run_id) if a.path.startswith("spec-resume-")]
+    name = f"spec-resume-{len(known) + 1}.yaml"
+    client.log_text(handle.run_id, spec_yaml, name)
+    previous = client.get_run(handle.run_id).data.tags.get("temper.spec_changes")
+    text = "; ".join(changes) + f" ({name})"
+    tag = f"{previous}\n{text}" if previous else text
+    client.set_tag(handle.run_id, "temper.spec_changes", tag[-MAX_ERROR_CHARS:])
+    return name

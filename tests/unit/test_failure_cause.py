@@ -1,0 +1,75 @@
+"""The one line that names a failure (errors.root_cause) and the resume compatibility rule
+(checkpoint/compat.py), without processes; the CLI's view is tests/integration/test_failures.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from temper.checkpoint.compat import check_resume
+from temper.errors import TemperError, root_cause
+
+
+class _Broken(Dataset):
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int):
+        raise self.error
+
+
+def _loader_error(error: Exception) -> Exception:
+    """The exception a DataLoader with a worker process raises for `error` in the worker."""
+    with pytest.raises(Exception) as caught:
+        next(iter(DataLoader(_Broken(error), num_workers=1)))
+    assert "in DataLoader worker process 0" in str(caught.value)
+    return caught.value
+
+
+def test_dataloader_wrapper_is_unwrapped_to_the_original_message() -> None:
+    ours = _loader_error(TemperError("data: shard s.tar ends after 3 samples, its manifest says 6; set data.on_error=skip"))
+    assert root_cause(ours) == ("data: shard s.tar ends after 3 samples, its manifest says 6; set data.on_error=skip",
+                                None)  # our own error: no traceback needed
+    line, tb = root_cause(_loader_error(ValueError("bad pixel")))
+    assert line == "ValueError: bad pixel"
+    assert "Original Traceback" in tb and "__getitem__" in tb
+
+
+def test_plain_exceptions_keep_their_type_and_traceback() -> None:
+    try:
+        torch.zeros(2) @ torch.zeros(3)
+    except RuntimeError as e:
+        line, tb = root_cause(e)
+    assert line.startswith("RuntimeError: ") and "size" in line
+    assert "test_plain_exceptions_keep_their_type_and_traceback" in tb
+    assert root_cause(TemperError("first line\nsecond")) == ("first line", None)
+
+
+SAVED = {"model": {"kind": "gpt", "d_model": 32, "dropout": 0.0}, "objective": {"kind": "mae", "mask_ratio": 0.75},
+         "optim": {"lr": 0.01}, "strategy": {"kind": "ddp"}, "resources": {"workers": 2}}
+
+
+def _with(**changes) -> dict:
+    spec = {k: dict(v) for k, v in SAVED.items()}
+    for key, value in changes.items():
+        section, name = key.split("__")
+        spec[section][name] = value
+    return spec
+
+
+def test_changes_that_load_are_listed_and_those_that_cannot_are_refused() -> None:
+    ok = check_resume(saved=SAVED, now=_with(optim__lr=0.005, resources__workers=1, model__dropout=0.1,
+                                             objective__mask_ratio=0.5, strategy__kind="fsdp"), where="run r")
+    assert ok == ("model.dropout: 0.0 -> 0.1", "objective.mask_ratio: 0.75 -> 0.5", "optim.lr: 0.01 -> 0.005",
+                  "resources.workers: 2 -> 1", "strategy.kind: ddp -> fsdp")
+    assert check_resume(saved=SAVED, now=SAVED, where="run r") == ()
+    for change, old in ((dict(model__d_model=64), "model.d_model=32"), (dict(objective__kind="simclr"), "objective.kind=mae"),
+                        (dict(strategy__kind="deepspeed"), "strategy.kind=ddp")):
+        with pytest.raises(TemperError, match=rf"cannot resume run r: .* -> .*--no-resume.*--set {old}"):
+            check_resume(saved=SAVED, now=_with(**change), where="run r")
+    # a checkpoint that kept only its model: only the model is compared
+    assert check_resume(saved={"model": SAVED["model"]}, now=_with(optim__lr=1.0), where="run r") == ()
