@@ -32,6 +32,10 @@ from temper.cli.cluster import register as register_cluster_commands  # noqa: E4
 
 register_cluster_commands(app)  # submit, status, logs, stop, list
 
+from temper.cli.tune import register as register_tune_command  # noqa: E402
+
+register_tune_command(app)  # tune
+
 JobArg = Annotated[Path, typer.Argument(help="The job spec YAML file.", show_default=False)]
 SetOpt = Annotated[
     list[str] | None,
