@@ -33,6 +33,9 @@ def submit(
         "--dry-run", help="Print what would be sent; create nothing (no MLflow run either).")] = False,
     output: Annotated[str, typer.Option("--output", "-o", help="text, yaml or json.")] = "text",
     follow: FollowOpt = False,
+    tune: Annotated[Path | None, typer.Option(
+        "--tune", help="A search space file: the cluster runs `temper tune` (docs/tuning.md).",
+        show_default=False)] = None,
 ) -> None:
     """Send the job to a cluster; print its id, its MLflow run and what to run next."""
     from temper.launch.submit import build_target
@@ -40,9 +43,16 @@ def submit(
 
     if output not in OUTPUTS:
         raise TemperError(f"--output {output!r} is not known; accepted: {', '.join(OUTPUTS)}")
-    spec = load_spec(job, set_ or [])
+    sets = [s for s in set_ or [] if not (tune and s.startswith("tune."))]
+    spec = load_spec(job, sets)
     target = build_target(to)
-    sub = target.submit(spec, workdir=Path.cwd(), run_id=None, dry_run=dry_run)
+    if tune is not None:
+        from temper.cli.tune import space_for_submit
+
+        sub = target.submit(spec, workdir=Path.cwd(), run_id=None, dry_run=dry_run,
+                            space_yaml=space_for_submit(job, space=tune, sets=set_ or [], target=target))
+    else:
+        sub = target.submit(spec, workdir=Path.cwd(), run_id=None, dry_run=dry_run)
     if dry_run:
         typer.echo(_render(sub.manifest or "", output), nl=False)
         return
