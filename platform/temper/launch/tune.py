@@ -179,16 +179,16 @@ def _searcher(settings: TuneSettingsSpec):
     return BasicVariantGenerator(random_state=settings.seed, max_concurrent=settings.max_concurrent_trials), None
 
 
-def _scheduler(settings: TuneSettingsSpec, *, max_t: int):
+def _scheduler(settings: TuneSettingsSpec, *, max_t: int, folder: Path):
     if settings.scheduler.kind == "none":
         return None
-    from ray.tune.schedulers import ASHAScheduler
+    from temper.launch.tune_asha import RememberingASHA
 
     s = settings.scheduler
     # max_t one past the last step: ASHA stops a trial that reaches max_t, and a trial that
     # ends by itself must finish its job (final checkpoint, metrics flushed, run FINISHED).
-    return ASHAScheduler(time_attr="step", max_t=max_t + 1, grace_period=s.grace_period,
-                         reduction_factor=s.reduction_factor)
+    return RememberingASHA(state_file=str(folder / "asha-state.pkl"), time_attr="step", max_t=max_t + 1,
+                           grace_period=s.grace_period, reduction_factor=s.reduction_factor)
 
 
 def _new_tuner(trainable, *, space: SpaceFileSpec, base, root: Path, name: str):
@@ -197,9 +197,9 @@ def _new_tuner(trainable, *, space: SpaceFileSpec, base, root: Path, name: str):
     settings = space.tune
     search_alg, max_concurrent = _searcher(settings)
     max_steps = space.space["train.max_steps"].probes()[-1] if "train.max_steps" in space.space else None
+    scheduler = _scheduler(settings, max_t=int(max_steps or base.train.max_steps), folder=root / name)
     config = tune.TuneConfig(metric=settings.metric, mode=settings.resolved_mode, num_samples=settings.num_samples,
-                             search_alg=search_alg, max_concurrent_trials=max_concurrent,
-                             scheduler=_scheduler(settings, max_t=int(max_steps or base.train.max_steps)))
+                             search_alg=search_alg, max_concurrent_trials=max_concurrent, scheduler=scheduler)
     run_config = tune.RunConfig(name=name, storage_path=str(root), verbose=0,
                                 failure_config=tune.FailureConfig(max_failures=0))
     params = {"params": {key: _distribution(d) for key, d in space.space.items()}}
