@@ -101,3 +101,12 @@ def test_pipeline_stage_may_be_a_search_but_not_a_sweep_too(tmp_path, capsys) ->
     path.write_text("name: p\nstages:\n  - {name: search, job: j.yaml, tune: s.yaml, sweep: {seed: [0, 1]}}\n")
     assert main(["pipeline", str(path)]) == 2
     assert "tune and sweep exclude each other" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("space", "job"), [("jobs/ci/tiny-tune-space.yaml", "jobs/ci/tiny-resnet.yaml"),
+                                            ("jobs/tune/digits-finetune-space.yaml", "jobs/digits-finetune.yaml")])
+def test_shipped_space_files_fit_their_jobs(space, job) -> None:
+    from temper.spec.tune import check_space
+
+    base = check_space(load_space(ROOT / space), job=ROOT / job, space_path=space, job_sets=[])
+    assert base.train.eval_every > 0  # ASHA needs evals before the end

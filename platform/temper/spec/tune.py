@@ -115,6 +115,10 @@ class SpaceFileSpec(BaseSpec):
         return self
 
 
+def is_space_file(data: Any) -> bool:
+    return isinstance(data, dict) and "space" in data and "model" not in data
+
+
 def override(key: str, value: Any) -> str:
     """`KEY=VALUE` in --set form, the value written as YAML reads it back."""
     return f"{key}={value if isinstance(value, str) else json.dumps(value)}"
