@@ -84,3 +84,28 @@ def label_fraction_png(curves: dict[str, list[tuple[float, float, float]]], *, m
     if title:
         ax.set_title(title, fontsize=9)
     return _png(fig)
+
+
+def search_png(points: dict[str, list[tuple[float, float, bool]]], *, metric: str, title: str = "",
+               log_keys: Sequence[str] = ()) -> bytes:
+    """One panel per hyperparameter: each trial's metric against its value; early-stopped
+    trials hollow. points: key -> [(value, metric, early_stopped)]."""
+    plt = _pyplot()
+    keys = sorted(points)
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.0), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        full = [(x, y) for x, y, early in points[key] if not early]
+        early = [(x, y) for x, y, stopped in points[key] if stopped]
+        if full:
+            ax.scatter(*zip(*full, strict=True), label="finished")
+        if early:
+            ax.scatter(*zip(*early, strict=True), facecolors="none", edgecolors="gray", label="stopped early")
+        if key in log_keys:
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel(metric)
+        ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _png(fig)

@@ -38,6 +38,11 @@ def test_every_shipped_job_validates(job: Path) -> None:
         for stage in pipeline.stages:
             assert isinstance(load_spec(job.parent / stage.job), JobSpec)
         return
+    from temper.spec.tune import is_space_file, load_space
+
+    if is_space_file(read_yaml(job)):  # a `temper tune` space file (its keys: tests/unit/test_tune_space.py)
+        assert load_space(job).space
+        return
     spec = load_spec(job)
     assert isinstance(spec, JobSpec)
 

@@ -35,6 +35,10 @@ from temper.cli.plan import register as register_plan_command  # noqa: E402
 
 register_plan_command(app)  # plan
 
+from temper.cli.tune import register as register_tune_command  # noqa: E402
+
+register_tune_command(app)  # tune
+
 JobArg = Annotated[Path, typer.Argument(help="The job spec YAML file.", show_default=False)]
 SetOpt = Annotated[
     list[str] | None,

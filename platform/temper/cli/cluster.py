@@ -35,6 +35,9 @@ def submit(
     follow: FollowOpt = False,
     no_plan: Annotated[bool, typer.Option(
         "--no-plan", help="Skip the `temper plan` memory check before submitting.")] = False,
+    tune: Annotated[Path | None, typer.Option(
+        "--tune", help="A search space file: the cluster runs `temper tune` (docs/tuning.md).",
+        show_default=False)] = None,
 ) -> None:
     """Send the job to a cluster; print its id, its MLflow run and what to run next.
     First checks that it fits its GPUs (`temper plan`; exit 2 when it does not)."""
@@ -43,14 +46,21 @@ def submit(
 
     if output not in OUTPUTS:
         raise TemperError(f"--output {output!r} is not known; accepted: {', '.join(OUTPUTS)}")
-    spec = load_spec(job, set_ or [])
+    sets = [s for s in set_ or [] if not (tune and s.startswith("tune."))]
+    spec = load_spec(job, sets)
     fits = None
     if not no_plan:  # before anything is created; its summary prints once the job is sent
         from temper.cli.plan import check_fits
 
         fits = check_fits(spec)
     target = build_target(to)
-    sub = target.submit(spec, workdir=Path.cwd(), run_id=None, dry_run=dry_run)
+    if tune is not None:
+        from temper.cli.tune import space_for_submit
+
+        sub = target.submit(spec, workdir=Path.cwd(), run_id=None, dry_run=dry_run,
+                            space_yaml=space_for_submit(job, space=tune, sets=set_ or [], target=target))
+    else:
+        sub = target.submit(spec, workdir=Path.cwd(), run_id=None, dry_run=dry_run)
     if fits:
         console.print(fits, markup=False, highlight=False)
     if dry_run:

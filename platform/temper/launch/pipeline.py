@@ -85,6 +85,11 @@ def run_pipeline(pipeline: PipelineSpec, *, path: Path, launcher_factory: Callab
     try:
         for stage in pipeline.stages:
             init = _init_source(stage, stage_runs)
+            if stage.tune:  # a search: its best trial stands for the stage
+                stage_runs[stage.name] = _search_stage(pipeline, stage, base=base, init_source=init,
+                                                       cli_sets=cli_sets, workdir=workdir, parent=parent,
+                                                       result=result)
+                continue
             combos = stage.combinations()
             for i, values in enumerate(combos, 1):
                 spec = stage_spec(pipeline, stage, base=base, values=values, init_source=init, cli_sets=cli_sets)
@@ -107,6 +112,27 @@ def run_pipeline(pipeline: PipelineSpec, *, path: Path, launcher_factory: Callab
     if result.table:
         console.print(result.table, markup=False)
     return result
+
+
+def _search_stage(pipeline: PipelineSpec, stage: StageSpec, *, base: Path, init_source: str | None,
+                  cli_sets: list[str], workdir: Path, parent: str, result: PipelineResult) -> str:
+    """A stage that is a `temper tune` search (a child of the pipeline's run); its best trial's run."""
+    from temper.launch.tune import SearchRequest, run_search
+
+    sets = [_override(k, v) for k, v in {**pipeline.set, **stage.set}.items()]
+    sets.append(f"tracking.experiment={pipeline.experiment_name}")
+    if init_source is not None:
+        sets += [f"init_from.source={init_source}",
+                 f"init_from.freeze_backbone={json.dumps(stage.freeze_backbone)}"]
+    console.print(f"[bold]pipeline {pipeline.name}[/bold]: stage {stage.name} (search {stage.tune})")
+    tags = {"mlflow.parentRunId": parent, "temper.pipeline": pipeline.name, "temper.pipeline.stage": stage.name}
+    found = run_search(SearchRequest(job=base / stage.job, space_path=base / stage.tune,
+                                     sets=(*sets, *cli_sets), workdir=workdir, no_resume=True,
+                                     parent_tags=tags, name=f"{pipeline.name}.{stage.name}"))
+    if found.best is None or not found.best.run_id:
+        raise TemperError(f"stages.{stage.name}: the search found no trial that reported {found.metric}")
+    result.runs.append(StageRun(stage.name, {}, found.best.run_id, {found.metric: found.best.value}))
+    return found.best.run_id
 
 
 def _init_source(stage: StageSpec, stage_runs: dict[str, str]) -> str | None:

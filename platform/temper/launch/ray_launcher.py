@@ -140,7 +140,7 @@ class RayLauncher(Launcher):
         storage = None if self.address else str((job.workdir / ".temper" / "ray").resolve())
         return TorchTrainer(
             ray_train_loop,
-            train_loop_config={**job.payload(), "progress_sink": sink},
+            train_loop_config={**job.payload(), "progress_sink": sink, **self.loop_config_extra()},
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo",
                                      timeout_s=int(job.spec.fault.collective_timeout_s)),
             scaling_config=ScalingConfig(num_workers=r.workers, use_gpu=use_gpu,
@@ -153,8 +153,17 @@ class RayLauncher(Launcher):
                 failure_config=FailureConfig(max_failures=job.spec.fault.max_failures),
                 # Ray Train's own INFO lines (worker group start etc.) only when asked for.
                 logging_config=LoggingConfig(log_level=os.environ.get("TEMPER_LOG_LEVEL", "WARNING").upper()),
+                callbacks=self.train_callbacks(),
             ),
         )
+
+    def loop_config_extra(self) -> dict[str, Any]:
+        """More plain data for every worker (`temper tune`'s trials add the metric to report)."""
+        return {}
+
+    def train_callbacks(self) -> list[Any]:
+        """Ray Train callbacks on the driver side of the trainer (`temper tune` forwards reports)."""
+        return []
 
     def launch(self, job: Job) -> LaunchResult:
         import ray

@@ -107,13 +107,20 @@ class _RayReporter(Reporter):
     """Sends rank 0's progress events to the driver's ProgressSink actor, and asks it
     whether the user pressed Ctrl-C."""
 
-    def __init__(self, sink: Any, *, is_main: bool) -> None:
+    def __init__(self, sink: Any, *, is_main: bool, tune_metric: str | None = None) -> None:
         super().__init__(None)
         self.sink = sink if is_main else None
+        self.tune_metric = tune_metric
 
     def progress(self, event: dict[str, Any]) -> None:
         if self.sink is not None:
             self.sink.push.remote(event)  # fire and forget: never waits on the driver
+        if self.tune_metric is not None and self.tune_metric in event:
+            # Under `temper tune`: every rank reports (Ray Train counts reports per rank);
+            # rank 0's metrics reach the search through Tune's TuneReportCallback.
+            import ray.train
+
+            ray.train.report({k: float(v) for k, v in event.items() if isinstance(v, (int, float))})
 
     def run_id(self, run_info: RunInfo) -> str | None:
         if self.sink is None:
@@ -144,7 +151,7 @@ def ray_train_loop(config: dict[str, Any]) -> None:
 
         node = ray.get_runtime_context().get_node_id()
         sink.register.remote(int(os.environ.get("RANK", "0")), f"{ray.util.get_node_ip_address()}/{node[:12]}")
-    reporter = _RayReporter(sink, is_main=os.environ.get("RANK") == "0")
+    reporter = _RayReporter(sink, is_main=os.environ.get("RANK") == "0", tune_metric=config.get("tune_metric"))
     run_worker(config["spec_json"], config.get("run_info"), reporter=reporter, dump_on_sigterm=True)
 
 

@@ -8,6 +8,7 @@ and the parent run gets a table and a plot of a metric against one swept setting
       - name: finetune
         job: digits-finetune.yaml
         init_from: pretrain                    # that stage's run: runs:/<its run id>
+      - {name: search, job: digits-finetune.yaml, tune: tune/digits-finetune-space.yaml}  # best trial
         sweep: {data.subset.fraction: [0.02, 0.05, 0.1, 1.0], seed: [0, 1, 2]}
     report: {x: data.subset.fraction, metric: val/acc}
 """
@@ -35,6 +36,10 @@ class StageSpec(BaseSpec):
         default=None, description="An earlier stage's name (its run's checkpoint), or any init_from source."
     )
     freeze_backbone: bool = Field(default=False, description="With init_from: train the head only (linear probe).")
+    tune: str | None = Field(
+        default=None, description="A `temper tune` space file, relative to the pipeline file: this stage "
+        "is a search, and a later stage's init_from takes its best trial."
+    )
     sweep: dict[str, list[Any]] = Field(
         default_factory=dict, description="KEY.PATH: [values]; one run per combination (the product). "
         "'KEY1,KEY2: [values]' sets both keys to each value (e.g. seed,data.subset.seed)."
@@ -74,6 +79,9 @@ class PipelineSpec(BaseSpec):
                 if seen[ref].sweep:
                     raise ValueError(f"stages.{stage.name}.init_from: stage '{ref}' sweeps, so it has several "
                                      "runs; start from a stage that runs once")
+            if stage.tune and stage.sweep:
+                raise ValueError(f"stages.{stage.name}: tune and sweep exclude each other; put the swept "
+                                 "keys in the space file (grid: [...])")
             if stage.freeze_backbone and ref is None:
                 raise ValueError(f"stages.{stage.name}.freeze_backbone needs init_from (a frozen random "
                                  "backbone is not a baseline anyone wants by accident)")

@@ -22,6 +22,9 @@ from temper.spec.job import JobSpec
 #: File name of the resolved spec inside the job's working directory on the cluster.
 SPEC_FILE = "temper-job.yaml"
 
+#: File name of a search's space file (`temper submit --tune`) beside it.
+SPACE_FILE = "temper-space.yaml"
+
 #: Job states, the same words for both targets.
 STATES = ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "STOPPED")
 
@@ -68,8 +71,11 @@ class SubmitTarget(Protocol):
     def list(self) -> list[JobStatus]: ...
 
 
-def entrypoint(*, spec_file: str = SPEC_FILE, run_id: str | None) -> str:
-    """The shell command a cluster runs for the job (in the job's working directory)."""
+def entrypoint(*, spec_file: str = SPEC_FILE, run_id: str | None, space_file: str | None = None) -> str:
+    """The shell command a cluster runs for the job (in the job's working directory); with
+    `space_file`, the search `temper tune` (it creates its own parent run there)."""
+    if space_file:
+        return shlex.join(["temper", "tune", spec_file, "--space", space_file])
     args = ["temper", "run", spec_file]
     if run_id:
         args += ["--run-id", run_id]
@@ -83,13 +89,20 @@ def open_submission_run(spec: JobSpec, *, workdir: Path, target: str):
     reachable from here and from the cluster: an http(s) MLflow server."""
     if not spec.tracking.enabled:
         return None
+    from temper.tracking.runs import start_run
+
+    check_cluster_tracking(spec, workdir=workdir)
+    return start_run(spec, launcher=f"submit:{target}", workdir=workdir)
+
+
+def check_cluster_tracking(spec: JobSpec, *, workdir: Path) -> None:
+    """Tracking on, through an http(s) MLflow server (a cluster cannot write to a local file)."""
     from temper.tracking.backend import is_http_uri
-    from temper.tracking.runs import resolve_tracking_uri, start_run
+    from temper.tracking.runs import resolve_tracking_uri
 
     uri = resolve_tracking_uri(spec.tracking.uri, workdir=workdir)
-    if not is_http_uri(uri):
+    if spec.tracking.enabled and not is_http_uri(uri):
         raise TemperError(
             f"tracking.uri {uri}: a job on a cluster needs an MLflow server that the cluster and "
             "this machine both reach; set tracking.uri=http://... (or $MLFLOW_TRACKING_URI), or "
             "tracking.enabled=false")
-    return start_run(spec, launcher=f"submit:{target}", workdir=workdir)

@@ -28,10 +28,12 @@ from typing import Any
 from temper.console import console
 from temper.errors import TemperError
 from temper.launch.submit.base import (
+    SPACE_FILE,
     SPEC_FILE,
     STATES,
     JobStatus,
     Submission,
+    check_cluster_tracking,
     entrypoint,
     open_submission_run,
 )
@@ -69,20 +71,27 @@ class RayJobsTarget:
     # ------------------------------------------------------------------ submit
 
     def submit(self, spec: JobSpec, *, workdir: Path, run_id: str | None = None,
-               dry_run: bool = False) -> Submission:
+               dry_run: bool = False, space_yaml: str | None = None) -> Submission:
+        """`space_yaml`: a search (`temper submit --tune`): the cluster runs `temper tune`, which
+        creates the search's parent run itself."""
         job_id = submission_id_for(spec.name)
+        space_file = SPACE_FILE if space_yaml is not None else None
         if dry_run:
-            request = self._request(spec, job_id=job_id, run_id=run_id, working_dir=str(workdir))
+            request = self._request(spec, job_id=job_id, run_id=run_id, working_dir=str(workdir),
+                                    space_file=space_file)
             env = request["runtime_env"]["env_vars"]
             env.update({k: "***" for k in env if re.search("PASSWORD|SECRET|TOKEN|KEY", k)})
             request["not_uploaded"] = [*EXCLUDED, f"files over {MAX_FILE_BYTES >> 20} MiB"]
-            request["added"] = f"{SPEC_FILE} (the resolved spec)"
+            request["added"] = f"{SPEC_FILE} (the resolved spec)" + (f", {SPACE_FILE} (the search space)"
+                                                                      if space_file else "")
             return Submission(job_id=job_id, target=self.address, run_id=run_id,
                               manifest=json.dumps(request, indent=2) + "\n")
         client = self._client()  # reachable before an MLflow run is created for nothing
         _warn_local_checkpoints(spec)
         handle = None
-        if run_id is None:
+        if space_yaml is not None:
+            check_cluster_tracking(spec, workdir=workdir)
+        elif run_id is None:
             handle = open_submission_run(spec, workdir=workdir, target=self.address)
             run_id = handle.run_id if handle else None
         if handle is not None:  # the cluster logs where the run was created
@@ -91,7 +100,10 @@ class RayJobsTarget:
         try:
             with tempfile.TemporaryDirectory(prefix="temper-submit-") as staging:
                 stage_workdir(workdir, Path(staging), spec=spec)
-                request = self._request(spec, job_id=job_id, run_id=run_id, working_dir=staging)
+                if space_yaml is not None:
+                    (Path(staging) / SPACE_FILE).write_text(space_yaml)
+                request = self._request(spec, job_id=job_id, run_id=run_id, working_dir=staging,
+                                        space_file=space_file)
                 job_id = client.submit_job(**request)
         except BaseException as e:
             if handle is not None:
@@ -106,13 +118,14 @@ class RayJobsTarget:
         return Submission(job_id=job_id, target=self.address, run_id=run_id,
                           run_url=handle.ui_url if handle else None)
 
-    def _request(self, spec: JobSpec, *, job_id: str, run_id: str | None, working_dir: str) -> dict:
+    def _request(self, spec: JobSpec, *, job_id: str, run_id: str | None, working_dir: str,
+                 space_file: str | None = None) -> dict:
         env = forwarded_env()
         env.setdefault("RAY_JOB_STOP_WAIT_TIME_S", str(STOP_WAIT_S))
         metadata = {"temper.spec": spec.name}
         if run_id:
             metadata["temper.run_id"] = run_id
-        return {"entrypoint": entrypoint(run_id=run_id), "submission_id": job_id,
+        return {"entrypoint": entrypoint(run_id=run_id, space_file=space_file), "submission_id": job_id,
                 "runtime_env": {"working_dir": working_dir, "env_vars": env}, "metadata": metadata}
 
     # ------------------------------------------------------------------ follow-ups
