@@ -92,3 +92,15 @@ def test_a_rank_log_shipped_from_another_node_lands_once(tmp_path) -> None:
     path.write_bytes(b"=== rank 1, pid 12, attempt 0 ===\n")  # the rank ran here before
     append_shipped_log(str(path), start=0, data=first)
     assert path.read_bytes() == b"=== rank 1, pid 12, attempt 0 ===\n" + first
+
+
+def test_the_oom_fault_is_a_real_allocation_failure() -> None:
+    """TEMPER_FAULT=oom:S:R asks the allocator for 1 PiB (on CUDA: torch.cuda.OutOfMemoryError;
+    here the CPU allocator's own error), only at its step and rank."""
+    from temper.runtime.faults import parse_fault
+
+    fault = parse_fault("oom:3:0")
+    fault.before_step(step=2, rank=0)
+    fault.before_step(step=3, rank=1)
+    with pytest.raises(RuntimeError, match="(?i)alloc|memory"):
+        fault.before_step(step=3, rank=0)
