@@ -96,8 +96,9 @@ class CheckpointKeeper:
         if ckpt is None:
             return None
         if ckpt.manifest.spec_hash != self.hash and self.ctx.is_main:
-            log.warning("resuming %s, written with another spec (hash %s, now %s): the new values apply "
-                        "from here on", ckpt.path, ckpt.manifest.spec_hash, self.hash)
+            # The driver checked the change and recorded it (temper.spec_changes, spec-resume-<k>.yaml).
+            log.info("resuming %s, written with another spec (hash %s, now %s): the new values apply "
+                     "from here on", ckpt.path, ckpt.manifest.spec_hash, self.hash)
         loaded = self.checkpointer.load(ckpt, strategy=strategy)  # a mismatch is a TemperError
         scheduler.load_state_dict(loaded.rank0_state["scheduler"])
         tracker.resume_after(loaded.step, carried=loaded.rank0_state.get("metrics", []))

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "temper-search.json"  # the parent run of the search, beside Tune's own state
 EARLY_TAG = "temper.tune.early_stopped"
+ASHA_STATE = "asha-state.pkl"  # RememberingASHA's rungs and stop decisions, in the search's folder
 
 
 @dataclass
@@ -123,11 +124,17 @@ def run_search(request: SearchRequest) -> SearchResult:
         else:
             tuner = _new_tuner(trainable, space=space, base=base, root=root, name=name)
         grid = tuner.fit()
-        interrupted = _collect(grid, result=result, client=client, base=base)
+        from temper.launch.tune_asha import stopped_trials
+
+        interrupted = _collect(grid, result=result, client=client, base=base,
+                               early_stopped=stopped_trials(folder / ASHA_STATE))
         status = "KILLED" if interrupted else "FINISHED"
         _finish(result, client=client, setup=setup, space=space, register=request.register)
         if interrupted:
-            raise KeyboardInterrupt("the search was interrupted (Ctrl-C); run the same command to resume it")
+            unfinished = ", ".join(f"{t.trial_id} (step {t.step if t.step is not None else 0})"
+                                   for t in result.trials if t.status == "killed")
+            raise KeyboardInterrupt(f"the search was interrupted (Ctrl-C) before trial(s) {unfinished} "
+                                    "finished; run the same command to resume it")
     finally:
         client.set_terminated(parent, status=status)
     return result
@@ -187,7 +194,7 @@ def _scheduler(settings: TuneSettingsSpec, *, max_t: int, folder: Path):
     s = settings.scheduler
     # max_t one past the last step: ASHA stops a trial that reaches max_t, and a trial that
     # ends by itself must finish its job (final checkpoint, metrics flushed, run FINISHED).
-    return RememberingASHA(state_file=str(folder / "asha-state.pkl"), time_attr="step", max_t=max_t + 1,
+    return RememberingASHA(state_file=str(folder / ASHA_STATE), time_attr="step", max_t=max_t + 1,
                            grace_period=s.grace_period, reduction_factor=s.reduction_factor)
 
 
@@ -244,8 +251,10 @@ def _params(values: dict[str, Any]):
     return [Param(k, v if isinstance(v, str) else json.dumps(v)) for k, v in values.items()]
 
 
-def _collect(grid, *, result: SearchResult, client, base) -> bool:
-    """Fill result.trials from Tune's trials and their child runs; True if the search was cut short."""
+def _collect(grid, *, result: SearchResult, client, base, early_stopped: set[str]) -> bool:
+    """Fill result.trials from Tune's trials and their child runs; True if the search was cut
+    short. A trial Tune ended (TERMINATED) finished if it reported its last step, was stopped
+    early if ASHA stopped it, and was cut short by Ctrl-C otherwise."""
     runs = _child_runs(client, result.parent_run_id)
     interrupted = False
     for trial in grid._experiment_analysis.trials:  # Tune's Trial objects carry the status
@@ -254,10 +263,12 @@ def _collect(grid, *, result: SearchResult, client, base) -> bool:
         max_steps = int(last.get("max_steps", trial.config["params"].get("train.max_steps", base.train.max_steps)))
         if trial.status == "ERROR":
             status = "failed"
-        elif trial.status != "TERMINATED":
-            status, interrupted = "killed", True
+        elif trial.status == "TERMINATED" and step is not None and step >= max_steps:
+            status = "finished"
+        elif trial.status == "TERMINATED" and trial.trial_id in early_stopped:
+            status = "early-stopped"
         else:
-            status = "early-stopped" if step is not None and step < max_steps else "finished"
+            status, interrupted = "killed", True
         value = last.get(result.metric)
         run = runs.get(trial.trial_id)
         row = TrialRow(trial.trial_id, dict(trial.config["params"]), status, step,
