@@ -27,6 +27,11 @@ class InitWeights(Protocol):
 
     def get(self, name: str) -> torch.Tensor: ...
 
+    def load_shards(self, targets: Mapping[str, DTensor]) -> bool:
+        """Fill each DTensor with its own shard only, reading just those chunks (a DCP
+        checkpoint: one collective load); False when this source cannot (read in full)."""
+        ...
+
 
 _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
 
@@ -96,7 +101,10 @@ def apply_deterministic_init(model: nn.Module, *, seed: int, weights: InitWeight
     `weights` (InitWeights, for init_from) supplies the tensors it has at
     the same name and shape instead, buffers (BatchNorm statistics) included."""
     _init_rule(model)
+    sharded = _load_shards(model, weights)
     for name, param in model.named_parameters():  # tied parameters are listed once
+        if clean_name(name) in sharded:
+            continue
         full = initial_tensor(model, clean_name(name), param.shape, seed=seed, weights=weights)
         if isinstance(param, DTensor):
             local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
@@ -104,6 +112,21 @@ def apply_deterministic_init(model: nn.Module, *, seed: int, weights: InitWeight
         else:
             param.copy_(full)
     apply_buffer_init(model, weights=weights)
+
+
+def _load_shards(model: nn.Module, weights: InitWeights | None) -> set[str]:
+    """init_from into DTensor parameters (FSDP, FSDP x TP): every rank reads only its own
+    shards, in one collective load, where the source can; the names it filled."""
+    if weights is None or not hasattr(weights, "load_shards"):
+        return set()
+    targets = {}
+    for name, param in model.named_parameters():
+        name = clean_name(name)
+        if isinstance(param, DTensor) and tuple(weights.shapes.get(name, ())) == tuple(param.shape):
+            targets[name] = param.detach()  # shares the local shard's storage
+    if targets and weights.load_shards(targets):
+        return set(targets)
+    return set()
 
 
 def materialize(model: nn.Module, *, device: torch.device, seed: int, weights: InitWeights | None = None) -> None:
