@@ -10,8 +10,8 @@ margin, stated per phase; the whole model in fp32 on a rank is FULL = 4 bytes x 
 from __future__ import annotations
 
 import pytest
-
 from benchmarks.memory_at_scale import run_all, specs, theory
+
 from tests.distributed.spawn import run_ranks
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # ~80 s alone, minutes on a busy machine

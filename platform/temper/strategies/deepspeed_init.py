@@ -30,7 +30,7 @@ def apply_partitioned_init(model: nn.Module, *, deepspeed: Any, config: dict, de
                 users.setdefault(id(p), []).append((module, attr))
     for module in reversed(list(model.modules())):  # every descendant before its ancestors
         fresh = False
-        for attr, p in list(module._parameters.items()):
+        for p in list(module._parameters.values()):
             if p is None or not p.is_meta:
                 continue
             full = initial_tensor(model, names[id(p)], p.shape, seed=seed, weights=weights)
