@@ -53,15 +53,21 @@ _SPEC_FIELDS_IGNORED = {"num_classes", "flavor", "dropout", "pool"}
 
 class PretrainedWeights:
     def __init__(self, *, path: str, shapes: dict[str, tuple[int, ...]], model_spec: dict | None,
-                 run_id: str | None, step: int | None, loader, origin: str | None = None) -> None:
+                 run_id: str | None, step: int | None, loader, origin: str | None = None,
+                 shard_loader: Callable[[dict[str, Any]], bool] | None = None) -> None:
         self.path, self.shapes, self.model_spec = path, shapes, model_spec or {}
         self.run_id, self.step = run_id, step
         self.origin = origin or path  # the checkpoint an exported folder was made from
         self._loader = loader
+        self._shard_loader = shard_loader
 
     def get(self, name: str) -> torch.Tensor:
         tensor = self._loader(name)
         return tensor.float() if tensor.is_floating_point() else tensor
+
+    def load_shards(self, targets: dict[str, Any]) -> bool:
+        """Fill DTensors with their local shards only (a DCP checkpoint); False otherwise."""
+        return self._shard_loader is not None and self._shard_loader(targets)
 
 
 def open_weights(path: str, *, storage_options: dict | None = None) -> PretrainedWeights:
@@ -95,7 +101,8 @@ def _from_checkpoint(ckpt, *, storage_options: dict | None) -> PretrainedWeights
     manifest = ckpt.manifest
     source = checkpoint_tensors(ckpt, storage_options=storage_options)
     return PretrainedWeights(path=ckpt.path, shapes=source.shapes, model_spec=manifest.extra.get("model"),
-                             run_id=manifest.run_id, step=manifest.step, loader=source.get)
+                             run_id=manifest.run_id, step=manifest.step, loader=source.get,
+                             shard_loader=getattr(source, "load_shards", None))
 
 
 class DcpTensors:
@@ -125,6 +132,17 @@ class DcpTensors:
             dcp.load({"model": {name: tensor}}, storage_reader=dcp_reader(self.store, self.store.root),
                      no_dist=True)
         return tensor
+
+
+    def load_shards(self, targets: dict[str, Any]) -> bool:
+        """One collective dcp.load into the ranks' DTensors: each reads only the chunks that
+        overlap its own shards. Only when every target has the saved dtype (else False: the
+        caller reads full tensors and converts)."""
+        if not torch.distributed.is_initialized() or any(
+                t.dtype != self.dtypes[name] for name, t in targets.items()):
+            return False
+        dcp.load({"model": dict(targets)}, storage_reader=dcp_reader(self.store, self.store.root))
+        return True
 
 
 class MergedTensors:

@@ -27,6 +27,11 @@ class InitWeights(Protocol):
 
     def get(self, name: str) -> torch.Tensor: ...
 
+    def load_shards(self, targets: Mapping[str, DTensor]) -> bool:
+        """Fill each DTensor with its own shard only, reading just those chunks (a DCP
+        checkpoint: one collective load); False when this source cannot (read in full)."""
+        ...
+
 
 _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
 
@@ -55,28 +60,31 @@ def _pretrained(weights: InitWeights | None, name: str, shape) -> torch.Tensor |
     return weights.get(name)
 
 
-@torch.no_grad()
-def apply_deterministic_init(model: nn.Module, *, seed: int, weights: InitWeights | None = None) -> None:
-    """Initialize every parameter (full or a DTensor shard) from (seed, name); reset buffers.
-    `weights` (InitWeights, for init_from) supplies the tensors it has at
-    the same name and shape instead, buffers (BatchNorm statistics) included."""
+def _init_rule(model: nn.Module):
     init = getattr(model, "init_parameter", None)
     if init is None:
         raise TemperError(
             f"{type(model).__name__} has no init_parameter(name, tensor, generator=...); "
             "models built on the meta device need one"
         )
-    for name, param in model.named_parameters():  # tied parameters are listed once
-        name = clean_name(name)
-        full = _pretrained(weights, name, param.shape)
-        if full is None:
-            full = torch.empty(param.shape, dtype=torch.float32)  # a DTensor's shape is global
-            init(name, full, generator=torch.Generator().manual_seed(param_seed(seed, name)))
-        if isinstance(param, DTensor):
-            local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
-            param.to_local().copy_(local.to_local())
-        else:
-            param.copy_(full)
+    return init
+
+
+@torch.no_grad()
+def initial_tensor(model: nn.Module, name: str, shape, *, seed: int,
+                   weights: InitWeights | None = None) -> torch.Tensor:
+    """The full float32 CPU tensor parameter `name` (bare-model name, global `shape`) starts
+    from: `weights`' tensor where it has one of this shape (init_from), else the model's own
+    rule from a generator seeded by (seed, name)."""
+    full = _pretrained(weights, name, shape)
+    if full is None:
+        full = torch.empty(tuple(shape), dtype=torch.float32)  # a DTensor's shape is global
+        _init_rule(model)(name, full, generator=torch.Generator().manual_seed(param_seed(seed, name)))
+    return full
+
+
+def apply_buffer_init(model: nn.Module, *, weights: InitWeights | None = None) -> None:
+    """Reset BatchNorm statistics; `weights` (init_from) supplies the buffers it has."""
     for module in model.modules():
         if hasattr(module, "reset_running_stats"):  # BatchNorm statistics
             module.reset_running_stats()
@@ -85,6 +93,40 @@ def apply_deterministic_init(model: nn.Module, *, seed: int, weights: InitWeight
             loaded = _pretrained(weights, clean_name(name), buffer.shape)
             if loaded is not None:
                 buffer.copy_(loaded.to(buffer.dtype))
+
+
+@torch.no_grad()
+def apply_deterministic_init(model: nn.Module, *, seed: int, weights: InitWeights | None = None) -> None:
+    """Initialize every parameter (full or a DTensor shard) from (seed, name); reset buffers.
+    `weights` (InitWeights, for init_from) supplies the tensors it has at
+    the same name and shape instead, buffers (BatchNorm statistics) included."""
+    _init_rule(model)
+    sharded = _load_shards(model, weights)
+    for name, param in model.named_parameters():  # tied parameters are listed once
+        if clean_name(name) in sharded:
+            continue
+        full = initial_tensor(model, clean_name(name), param.shape, seed=seed, weights=weights)
+        if isinstance(param, DTensor):
+            local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+            param.to_local().copy_(local.to_local())
+        else:
+            param.copy_(full)
+    apply_buffer_init(model, weights=weights)
+
+
+def _load_shards(model: nn.Module, weights: InitWeights | None) -> set[str]:
+    """init_from into DTensor parameters (FSDP, FSDP x TP): every rank reads only its own
+    shards, in one collective load, where the source can; the names it filled."""
+    if weights is None or not hasattr(weights, "load_shards"):
+        return set()
+    targets = {}
+    for name, param in model.named_parameters():
+        name = clean_name(name)
+        if isinstance(param, DTensor) and tuple(weights.shapes.get(name, ())) == tuple(param.shape):
+            targets[name] = param.detach()  # shares the local shard's storage
+    if targets and weights.load_shards(targets):
+        return set(targets)
+    return set()
 
 
 def materialize(model: nn.Module, *, device: torch.device, seed: int, weights: InitWeights | None = None) -> None:

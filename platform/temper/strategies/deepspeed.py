@@ -18,10 +18,11 @@ from torch import nn
 
 from temper.dist import DistContext
 from temper.errors import MissingDependencyError, TemperError
-from temper.models.init import InitWeights, materialize
+from temper.models.init import InitWeights, is_meta, materialize
 from temper.spec.job import DeepSpeedSpec, JobSpec
 from temper.strategies.base import Strategy
 from temper.strategies.deepspeed_config import build_deepspeed_config
+from temper.strategies.deepspeed_init import apply_partitioned_init
 from temper.strategies.memory import MemoryReport, tensor_bytes
 from temper.strategies.parallelize import apply_model_parallelism
 
@@ -70,11 +71,14 @@ class DeepSpeedStrategy(Strategy):
         deepspeed = import_deepspeed(device=self.ctx.device)
         apply_model_parallelism(model, tp_mesh=None,  # ZeRO does not compose with DTensor TP
                                 activation_checkpointing=self.spec.activation_checkpointing, compile=False)
-        # ZeRO-3 partitions the parameters inside initialize(); until then each rank holds
-        # the full model (deepspeed.zero.Init would avoid that peak; see docs/parallelism.md).
-        materialize(model, device=self.ctx.device, seed=self.seed, weights=pretrained)
-        optimizer = build_optimizer(model)
         config = build_deepspeed_config(self.spec, job=self.job, warn=log.warning)
+        if self.spec.stage == 3 and is_meta(model) and self.ctx.device.type != "meta":
+            # Partitioned as it is allocated: a rank never holds the whole model.
+            apply_partitioned_init(model, deepspeed=deepspeed, config=config, device=self.ctx.device,
+                                   seed=self.seed, weights=pretrained)
+        else:  # ZeRO-1/2 replicate the parameters anyway
+            materialize(model, device=self.ctx.device, seed=self.seed, weights=pretrained)
+        optimizer = build_optimizer(model)
         engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=config, dist_init_required=False
         )
