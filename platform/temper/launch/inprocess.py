@@ -48,4 +48,5 @@ class InProcessLauncher(Launcher):
         with _worker_env(**env):
             setup_logging()
             result = run_worker(job.spec_json, job.run_info)
-        return LaunchResult(steps=result.steps, metrics=result.metrics, loss_history=result.loss_history)
+        return LaunchResult(steps=result.steps, metrics=result.metrics, loss_history=result.loss_history,
+                            preempted=result.preempted, checkpoint_step=result.checkpoint_step)
