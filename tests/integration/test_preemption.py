@@ -26,13 +26,19 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory, mlflow_server) -> dict[str, torch.Tensor]:
-    """The uninterrupted run (torchrun, 2 ranks): its last checkpoint's model tensors."""
+def straight_run(tmp_path_factory, mlflow_server) -> tuple[dict[str, torch.Tensor], str]:
+    """The uninterrupted run (torchrun, 2 ranks): its last checkpoint's model tensors, its run id."""
     cwd = tmp_path_factory.mktemp("straight")
-    proc = temper("run", TINY_GPT, "--launcher", "torchrun", *COMMON, "--set", "tracking.enabled=false", cwd=cwd)
+    proc = temper("run", TINY_GPT, "--launcher", "torchrun", *COMMON, "--set", f"tracking.uri={mlflow_server.uri}",
+                  "--set", "tracking.experiment=preempt-straight", cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-4000:]
     (run_dir,) = (cwd / "temper-runs" / "ci-tiny-gpt").iterdir()
-    return final_weights(run_dir)
+    return final_weights(run_dir), run_id_of(proc.stderr)
+
+
+@pytest.fixture
+def straight(straight_run) -> dict[str, torch.Tensor]:
+    return straight_run[0]
 
 
 def check_preempted_then_resumed(proc, *, cwd: Path, client, uri: str, launch: list[str], straight,
@@ -84,3 +90,41 @@ def test_a_grace_time_too_short_keeps_the_previous_checkpoint(tmp_path) -> None:
     assert sorted(p.name for p in run_dir.glob("step-*")) == ["step-000000003"]
     resumed = temper("run", TINY_GPT, *sets, cwd=tmp_path)
     assert resumed.returncode == 0 and "from step 3" in resumed.stderr, resumed.stderr[-4000:]
+
+
+def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def test_elastic_2_1_2_through_resume_keeps_the_global_batch_and_the_loss(tmp_path, mlflow_server, client,
+                                                                          straight_run) -> None:
+    """An elastic job (min_workers=1) that changes size at the same steps a Ray resize would:
+    2 workers for steps 1-3 (preempted), 1 worker for 4-6 (in-process: grad_accum 2, preempted),
+    2 workers for 7-8. One MLflow run, each step logged once, world size and accumulation
+    logged per step, a tag event per resize, and the loss curve equal to the uninterrupted
+    2-worker run's within the 2 -> 1 resume test's tolerance (atol 1e-5, rtol 1e-4:
+    float32 reduction order)."""
+    sets = [*COMMON, "--set", "resources.min_workers=1", "--set", f"tracking.uri={mlflow_server.uri}",
+            "--set", "tracking.experiment=elastic-resume"]
+    first = temper("run", TINY_GPT, "--launcher", "torchrun", *sets, cwd=tmp_path, env={"TEMPER_FAULT": "sigterm:3:1"})
+    assert first.returncode == PREEMPTED, first.stderr[-4000:]
+    run_id = run_id_of(first.stderr)
+    one = temper("run", TINY_GPT, "--launcher", "inprocess", *sets, cwd=tmp_path, env={"TEMPER_FAULT": "sigterm:6:0"})
+    assert one.returncode == PREEMPTED and f"resuming run {run_id} from step 3" in one.stderr, one.stderr[-4000:]
+    two = temper("run", TINY_GPT, "--launcher", "torchrun", *sets, cwd=tmp_path)
+    assert two.returncode == 0 and f"resuming run {run_id} from step 6" in two.stderr, two.stderr[-4000:]
+
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    sizes = history(client, run_id, "perf/world_size")
+    assert sizes == [(s, 2.0 if s <= 3 or s >= 7 else 1.0) for s in range(1, 9)], sizes
+    accum = history(client, run_id, "train/grad_accum")
+    assert accum == [(s, 1.0 if s <= 3 or s >= 7 else 2.0) for s in range(1, 9)], accum
+    events = {k: v for k, v in run.data.tags.items() if ".resize-" in k}
+    assert sorted(events) == ["temper.event.step-000003.resize-1", "temper.event.step-000006.resize-2"], events
+    assert "world size 2 -> 1" in events["temper.event.step-000003.resize-1"]
+    got = history(client, run_id, "train/loss")
+    reference = history(client, straight_run[1], "train/loss")
+    assert [s for s, _ in got] == [s for s, _ in reference] == list(range(1, 9))
+    torch.testing.assert_close(torch.tensor([v for _, v in got]), torch.tensor([v for _, v in reference]),
+                               atol=1e-5, rtol=1e-4)

@@ -58,3 +58,18 @@ def test_elastic_needs_checkpoints() -> None:
 def test_tensor_parallel_sizes_must_be_multiples() -> None:
     message = refused("resources.workers=4", "resources.min_workers=2", "strategy.tensor_parallel=2")
     assert "cannot be kept at 3 workers" in message and "multiple of strategy.tensor_parallel=2" in message
+
+
+def test_ray_gets_the_elastic_range_and_retries_every_loss() -> None:
+    from ray.train import ScalingConfig
+
+    from temper.launch.ray_launcher import failure_retries, scaling_kwargs
+
+    elastic = spec("resources.min_workers=1", "resources.resize_interval_s=5")
+    kwargs = scaling_kwargs(elastic)
+    assert kwargs == {"num_workers": (1, 2), "elastic_resize_monitor_interval_s": 5.0}
+    config = ScalingConfig(**kwargs)  # Ray 2.60's Train V2 API accepts it as elastic
+    assert config.elasticity_enabled and (config.min_workers, config.max_workers) == (1, 2)
+    assert failure_retries(elastic) == -1
+    assert failure_retries(spec("resources.min_workers=1", "fault.max_failures=3")) == 3
+    assert scaling_kwargs(spec()) == {"num_workers": 2} and failure_retries(spec()) == 0
