@@ -128,3 +128,34 @@ def test_elastic_2_1_2_through_resume_keeps_the_global_batch_and_the_loss(tmp_pa
     assert [s for s, _ in got] == [s for s, _ in reference] == list(range(1, 9))
     torch.testing.assert_close(torch.tensor([v for _, v in got]), torch.tensor([v for _, v in reference]),
                                atol=1e-5, rtol=1e-4)
+
+
+def test_sigterm_to_the_driver_saves_on_every_rank_and_exits_preempted(tmp_path, mlflow_server, client) -> None:
+    """`temper run` itself gets the SIGTERM (a pod eviction): it tells rank 0, the ranks agree
+    on a step, save and exit; the driver exits 75 and the run is KILLED, tagged preempted."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.fixtures.cli import TEMPER
+
+    sets = ["--launcher", "torchrun", "--set", "train.max_steps=100000", "--set", "checkpoint.every_steps=3",
+            "--set", "train.eval_every=0", "--set", f"tracking.uri={mlflow_server.uri}"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with open(tmp_path / "err.txt", "w") as err:
+        proc = subprocess.Popen([TEMPER, "run", TINY_GPT, *sets], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                                stderr=err)
+        runs = tmp_path / "temper-runs" / "ci-tiny-gpt"
+        deadline = time.monotonic() + 240
+        while not list(runs.glob("*/step-000000003")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=120)
+    stderr = (tmp_path / "err.txt").read_text()
+    assert code == PREEMPTED, stderr[-4000:]
+    run = client.get_run(run_id_of(stderr))
+    saved = int(run.data.tags["temper.preempted"])
+    assert run.info.status == "KILLED" and saved > 3, run.data.tags
+    assert (Path(run.data.tags["temper.checkpoint_dir"]) / f"step-{saved:09d}").is_dir()
+    assert "the driver (SIGTERM)" in run.data.tags[f"temper.event.step-{saved:06d}.preempted"]
