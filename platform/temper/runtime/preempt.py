@@ -45,8 +45,10 @@ class Preemption:
         self = cls(grace_s=grace_s, ctx=ctx)
         if grace_s <= 0:
             return self
-        self._uninstall = reporter.on_sigterm(lambda: self.notice("SIGTERM"))
-        if ctx.is_main:
+        install = getattr(reporter, "on_sigterm", None)  # a duck-typed test reporter may lack both
+        if install is not None:
+            self._uninstall = install(lambda: self.notice("SIGTERM"))
+        if ctx.is_main and hasattr(reporter, "preempt_requested"):
             threading.Thread(target=self._poll, args=(reporter,), name="temper-preempt-poll",
                              daemon=True).start()
         return self
