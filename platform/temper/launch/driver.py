@@ -70,6 +70,8 @@ def run_job(spec: JobSpec, *, launcher: Launcher, workdir: Path, resume: str | N
         with sigterm_interrupts(launcher.preempt if spec.fault.preemption_grace_s > 0 else None):
             result = launcher.launch(job)
         status = "KILLED" if result.preempted else "FINISHED"  # preempted: resumable, never FAILED
+        if result.preempted:  # the run's temper.error / note say so (`temper stop` sends SIGTERM too)
+            error = _preempted_message(result)
         if spec.tracking.register_model and tracking.handle is not None and not result.preempted:
             from temper.launch.lifecycle import register_run_model
 
@@ -95,12 +97,15 @@ def run_job(spec: JobSpec, *, launcher: Launcher, workdir: Path, resume: str | N
         launcher.close()
         handle = tracking.finish(status=status, error=error)
     if result.preempted:
-        where = f"step {result.checkpoint_step}" if result.checkpoint_step else "the start (no checkpoint yet)"
-        raise JobPreemptedError(f"preempted at step {result.steps} (SIGTERM): the run resumes from {where}; "
-                                "the MLflow run is KILLED with tag temper.preempted; run the same command again "
-                                "to continue")
+        raise JobPreemptedError(error)
     return JobOutcome(result=result, run_id=handle.run_id if handle else None,
                       tracking_uri=handle.tracking_uri if handle else None)
+
+
+def _preempted_message(result: LaunchResult) -> str:
+    where = f"step {result.checkpoint_step}" if result.checkpoint_step else "the start (no checkpoint yet)"
+    return (f"preempted at step {result.steps} (SIGTERM): the run resumes from {where}; the MLflow run is "
+            "KILLED with tag temper.preempted; run the same command again to continue")
 
 
 def _data_tags(spec: JobSpec) -> dict[str, str]:
