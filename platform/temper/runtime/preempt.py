@@ -124,6 +124,9 @@ def preempt_save(decision: Decision, *, step: int, keeper: Any, save: Any, track
             log.warning("preempted at step %d: the checkpoint took %.1f s and ended %.1f s after the notice, "
                         "past fault.preemption_grace_s=%.0f s (raise it if the process was killed first)",
                         step, took, decision.elapsed_s + took, decision.grace_s)
+        elif resume is None:
+            log.warning("preempted (%s) at step %d: checkpointing is off, nothing saved; exiting",
+                        decision.source, step)
         else:
             log.warning("preempted (%s): checkpoint at step %d committed in %.1f s; exiting, resumable",
                         decision.source, step, took)
