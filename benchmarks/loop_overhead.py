@@ -40,14 +40,31 @@ class _Collect(Reporter):
             self.step_times.append(event["perf/step_time_s"])
 
 
-def temper_windows(spec: JobSpec) -> list[float]:
+def temper_windows(spec: JobSpec, *, run_folder: str | None = None) -> list[float]:
+    """Step time per window under temper's loop; with `run_folder`, a rank log is open there
+    (the stack dump re-armed every step, as under every launcher)."""
+    from temper.runtime import failure
+
+    rank_log = failure.open_rank_log(run_folder, rank=0, dump_on_sigterm=False)
     ctx = build_dist_context(device="cpu")
     reporter = _Collect()
     try:
         train(spec, ctx, reporter=reporter)
     finally:
         ctx.close()
+        failure.close_rank_log(rank_log)
     return reporter.step_times[1:]  # the first window holds warm-up
+
+
+def bench_spec(job: str, *, steps: int, window: int) -> JobSpec:
+    """The job as both benchmarks run it: one worker in this process, no tracking, no eval."""
+    spec = load_spec(job, [
+        "resources.workers=1", "tracking.enabled=false", f"train.max_steps={steps}",
+        f"train.log_every={window}", "train.eval_every=0", "data.eval_samples=0",
+    ])
+    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+    torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
+    return spec
 
 
 def bare_windows(spec: JobSpec) -> list[float]:
@@ -82,12 +99,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    spec = load_spec(args.job, [
-        "resources.workers=1", "tracking.enabled=false", f"train.max_steps={args.steps}",
-        f"train.log_every={args.window}", "train.eval_every=0", "data.eval_samples=0",
-    ])
-    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
-    torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
+    spec = bench_spec(args.job, steps=args.steps, window=args.window)
     ours, bare = [], []
     for _ in range(args.rounds):
         bare += bare_windows(spec)

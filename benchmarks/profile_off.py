@@ -1,12 +1,12 @@
 """Profiling off costs nothing in the step: what the loop does per step when `train.profile` is
-unset (the NoProfiler's `step`, the StepWatch re-arming the stack dump into the rank log),
-against the step itself.
+unset (the NoProfiler's `step`, the StepWatch re-arming the stack dump into the rank log and
+noting the step for the beacon thread), against the step itself.
 
 Side by side in one run: the quickstart job's median step time under temper's loop with a
 rank log open (so the stack dump is armed every step, as under every launcher), and the
 median cost of those per-step hooks alone over many calls. Prints their ratio (goal: below
-0.5 % of a step). The step-beacon's store write (world size > 1 only) is one small TCP
-request to the store host; it is not measured here.
+0.5 % of a step). The step beacon's store write (world size > 1) runs on its own thread, at
+most twice a second, outside the step.
 
     .venv/bin/python benchmarks/profile_off.py [--job jobs/quickstart.yaml] [--steps 60]
 """
@@ -14,7 +14,6 @@ request to the store host; it is not measured here.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
@@ -22,36 +21,11 @@ from pathlib import Path
 
 import torch
 
-from temper.dist import build_dist_context
+from loop_overhead import bench_spec, temper_windows  # benchmarks/ is this script's folder
 from temper.runtime import failure
-from temper.runtime.loop import train
 from temper.runtime.profile import NoProfiler
-from temper.runtime.report import Reporter
-from temper.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class _Collect(Reporter):
-    def __init__(self) -> None:
-        super().__init__(None)
-        self.step_times: list[float] = []
-
-    def progress(self, event: dict) -> None:
-        if "perf/step_time_s" in event:
-            self.step_times.append(event["perf/step_time_s"])
-
-
-def step_times(spec, folder: str) -> list[float]:
-    rank_log = failure.open_rank_log(folder, rank=0, dump_on_sigterm=False)
-    ctx = build_dist_context(device="cpu")
-    reporter = _Collect()
-    try:
-        train(spec, ctx, reporter=reporter)
-    finally:
-        ctx.close()
-        failure.close_rank_log(rank_log)
-    return reporter.step_times[1:]
 
 
 def hook_cost(folder: str, calls: int) -> float:
@@ -79,14 +53,9 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=10)
     parser.add_argument("--calls", type=int, default=20000)
     args = parser.parse_args()
-    spec = load_spec(args.job, [
-        "resources.workers=1", "tracking.enabled=false", f"train.max_steps={args.steps}",
-        f"train.log_every={args.window}", "train.eval_every=0", "data.eval_samples=0",
-    ])
-    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
-    torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
+    spec = bench_spec(args.job, steps=args.steps, window=args.window)
     with tempfile.TemporaryDirectory() as folder:
-        step = statistics.median(step_times(spec, folder))
+        step = statistics.median(temper_windows(spec, run_folder=folder))
         hooks = hook_cost(folder, args.calls)
     print(f"job {Path(args.job).name}: {args.steps} steps, {torch.get_num_threads()} thread(s), device cpu")
     print(f"median step                    {step * 1e3:10.3f} ms")

@@ -58,3 +58,10 @@ def test_two_nodes_one_worker_each(tmp_path, cluster) -> None:
     history = MlflowClient(server.uri).get_metric_history(run_id, "train/loss")
     assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]
     assert re.search(r"samples/s", proc.stdout)
+    # Every rank's log is in the run, once (the rank on the other node sent its lines through
+    # the driver's ProgressSink; the nodes here share a filesystem, so the copy is deduplicated).
+    client = MlflowClient(server.uri)
+    assert {a.path for a in client.list_artifacts(run_id, "logs")} == {"logs/rank-0.txt", "logs/rank-1.txt"}
+    for rank in (0, 1):
+        text = Path(client.download_artifacts(run_id, f"logs/rank-{rank}.txt", str(tmp_path))).read_text()
+        assert text.count(f"=== rank {rank}, pid") == 1, text[:2000]

@@ -1,8 +1,9 @@
 """`temper tune` end to end on the shared Ray head and the session's MLflow server.
 
 One search (jobs/ci/tiny-tune-space.yaml: 4 trials of 8 steps over the tiny ResNet, 1 worker
-each, ASHA with grace 1) whose driver is killed (SIGKILL) once a trial has a committed
-checkpoint, then run again with the same command. It must finish with 4 child runs under one
+each, ASHA with grace 1), stopped with Ctrl-C (SIGINT) once its trials run (exit 130, the
+search's and the running trials' runs KILLED), resumed with the same command and its driver
+killed (SIGKILL) once a trial has a committed checkpoint, then run again to its end. It must finish with 4 child runs under one
 parent, at least one stopped early by ASHA, at least one resumed from its own checkpoint into
 its own run, none started twice from scratch, and a best trial whose job file validates and
 whose ranked metric is the best in MLflow. (The bad space files are unit tests:
@@ -12,6 +13,7 @@ tests/unit/test_tune_space.py.)
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -35,6 +37,29 @@ def _checkpointed_and_saved(folder: Path) -> bool:
     return any(list(t.glob("*/step-*")) and t.name in text for t in trials.iterdir())
 
 
+def _ctrl_c_stops_the_search(args: list[str], *, env: dict, folder: Path, cwd: Path, client) -> None:
+    """SIGINT once Tune saved its state and a trial's run exists: the command ends with 130
+    and the interrupt's line, and no run of the search is left RUNNING."""
+    proc = subprocess.Popen([TEMPER, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments() if e.name == "tune"],
+                                  filter_string="tags.`mlflow.parentRunId` != ''") if list(folder.glob("experiment_state-*.json")) else []
+        if any(r.info.status == "RUNNING" for r in runs):
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, "the search ended before Ctrl-C:\n" + proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, err[-3000:]
+    assert "interrupted" in [line for line in err.splitlines() if line.strip()][-1], err[-3000:]
+    experiment = client.get_experiment_by_name("tune").experiment_id
+    runs = client.search_runs([experiment], filter_string=f"tags.`temper.tune` = '{SEARCH}'")
+    assert runs and all(r.info.status in ("KILLED", "FINISHED") for r in runs), \
+        [(r.info.run_name, r.info.status) for r in runs]
+    assert any(r.info.status == "KILLED" for r in runs if "mlflow.parentRunId" not in r.data.tags)
+
+
 @pytest.mark.ray
 def test_search_asha_kill_the_driver_resume_and_the_best_trial(tmp_path, mlflow_server, ray_address, client) -> None:
     args = ["tune", TINY_RESNET, "--space", SPACE, "--address", ray_address,
@@ -42,6 +67,7 @@ def test_search_asha_kill_the_driver_resume_and_the_best_trial(tmp_path, mlflow_
             "--set", "tune.max_concurrent_trials=2"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     folder = tmp_path / ".temper" / "tune" / SEARCH
+    _ctrl_c_stops_the_search(args, env=env, folder=folder, cwd=tmp_path, client=client)
     with open(tmp_path / "first.log", "w") as log:
         proc = subprocess.Popen([TEMPER, *args], cwd=tmp_path, env=env, stdout=log, stderr=log)
         deadline = time.monotonic() + 240

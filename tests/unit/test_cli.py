@@ -69,3 +69,45 @@ def test_user_errors_exit_2(capsys, argv, message) -> None:
 def test_unknown_option_is_a_usage_error(capsys) -> None:
     assert main(["run", QUICKSTART, "--nope"]) == 2
     assert "No such option: --nope" in capsys.readouterr().err
+
+
+class _FinishedJob:
+    """A submit target whose job has ended (the Jobs API's state and message, verbatim form)."""
+
+    def __init__(self, state: str, message: str, log: str) -> None:
+        from temper.launch.submit.base import JobStatus
+
+        self.st = JobStatus(job_id="j1", state=state, message=message)
+        self.log = log
+
+    def logs(self, job_id: str, *, follow: bool = False):
+        yield self.log
+
+    def status(self, job_id: str):
+        return self.st
+
+
+@pytest.mark.parametrize(("state", "message", "code"), [
+    ("FAILED", "Job entrypoint command failed with exit code 2, last available logs ...", 2),
+    ("FAILED", "Job entrypoint command failed with exit code 1, last available logs ...", 1),
+    ("STOPPED", "Job was intentionally stopped.", 1),
+])
+def test_submit_follow_exits_with_the_drivers_code(capsys, state, message, code) -> None:
+    """`submit --follow` ends as `temper run` would: 2 for an input error, 1 otherwise, and the
+    driver's error line last."""
+    import typer
+
+    from temper.cli.cluster import _follow
+
+    job = _FinishedJob(state, message, "step 1/3\nerror: data.train: no shards under /x; fix it\n")
+    with pytest.raises(typer.Exit) as exit_:
+        _follow(job, "j1")
+    assert exit_.value.exit_code == code
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: data.train: no shards under /x; fix it"
+
+
+def test_submit_follow_of_a_finished_job_exits_0(capsys) -> None:
+    from temper.cli.cluster import _follow
+
+    _follow(_FinishedJob("SUCCEEDED", "Job finished successfully.", "finished\n"), "j1")
+    assert "job j1 SUCCEEDED" in capsys.readouterr().err

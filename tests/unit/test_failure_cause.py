@@ -73,3 +73,34 @@ def test_changes_that_load_are_listed_and_those_that_cannot_are_refused() -> Non
             check_resume(saved=SAVED, now=_with(**change), where="run r")
     # a checkpoint that kept only its model: only the model is compared
     assert check_resume(saved={"model": SAVED["model"]}, now=_with(optim__lr=1.0), where="run r") == ()
+
+
+def test_a_rank_log_shipped_from_another_node_lands_once(tmp_path) -> None:
+    """A rank on another node sends this attempt's log lines to the driver's run folder: they
+    are appended after what the folder holds; on shared storage (already there) nothing is."""
+    from temper.launch.ray_launcher import append_shipped_log
+
+    path = tmp_path / "logs" / "rank-1.txt"
+    first = b"=== rank 1, pid 10, attempt 0 ===\nline\n"
+    append_shipped_log(str(path), start=0, data=first)  # the driver's node had no file
+    assert path.read_bytes() == first
+    second = b"=== rank 1, pid 11, attempt 1 ===\nother\n"
+    append_shipped_log(str(path), start=len(first), data=second)
+    assert path.read_bytes() == first + second
+    append_shipped_log(str(path), start=len(first), data=second)  # shared storage: already there
+    assert path.read_bytes() == first + second
+    path.write_bytes(b"=== rank 1, pid 12, attempt 0 ===\n")  # the rank ran here before
+    append_shipped_log(str(path), start=0, data=first)
+    assert path.read_bytes() == b"=== rank 1, pid 12, attempt 0 ===\n" + first
+
+
+def test_the_oom_fault_is_a_real_allocation_failure() -> None:
+    """TEMPER_FAULT=oom:S:R asks the allocator for 1 PiB (on CUDA: torch.cuda.OutOfMemoryError;
+    here the CPU allocator's own error), only at its step and rank."""
+    from temper.runtime.faults import parse_fault
+
+    fault = parse_fault("oom:3:0")
+    fault.before_step(step=2, rank=0)
+    fault.before_step(step=3, rank=1)
+    with pytest.raises(RuntimeError, match="(?i)alloc|memory"):
+        fault.before_step(step=3, rank=0)

@@ -7,6 +7,7 @@ Registered on the main app with `register(app)`; each command goes through
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Annotated
@@ -148,7 +149,14 @@ def _follow(target, job_id: str) -> None:
     if st.state != "SUCCEEDED":
         if cause:
             console.print(cause, markup=False)
-        raise typer.Exit(1)
+        raise typer.Exit(_exit_code(st.message))
+
+
+def _exit_code(message: str | None) -> int:
+    """The driver's own exit code where the cluster reports it (Ray: "... failed with exit code
+    2, ..."), so an input error is 2 under `submit --follow` as under `temper run`; else 1."""
+    found = re.search(r"exit code (\d+)", message or "")
+    return 2 if found and found.group(1) == "2" else 1
 
 
 def _render(text: str, output: str) -> str:

@@ -34,6 +34,20 @@ FORWARDED_ENV = (
 )
 
 
+def append_shipped_log(path: str, *, start: int, data: bytes) -> None:
+    """A rank on another node sent what it wrote to its log this attempt (from byte `start` of
+    its file): append it to the driver's run folder, so the driver uploads every rank's log.
+    Where the run folder is on shared storage the bytes are already there: nothing to add."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target, "a+b") as f:
+        f.seek(start)
+        if f.read(len(data)) == data:
+            return
+        f.seek(0, os.SEEK_END)
+        f.write(data)
+
+
 def _progress_sink_class():
     import ray
 
@@ -75,6 +89,12 @@ def _progress_sink_class():
         def drain(self) -> list[dict]:
             events, self.events = self.events, []
             return events
+
+        def node(self) -> str:
+            return ray.get_runtime_context().get_node_id()
+
+        def append_log(self, path: str, start: int, data: bytes) -> None:
+            append_shipped_log(path, start=start, data=data)
 
     return ProgressSink
 
@@ -195,7 +215,10 @@ class RayLauncher(Launcher):
         import ray
 
         self._init_ray(job)
-        sink = _progress_sink_class().remote()
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+        sink = _progress_sink_class().options(scheduling_strategy=here).remote()  # the driver's node
         self._sink = sink
         if self._run_id is not None:  # created before the actor existed
             sink.set_run_id.remote(self._run_id)

@@ -6,7 +6,7 @@
   vars and the process group).
 - `python -m temper.runtime.entry --job-file F`: what each torchrun process executes.
 
-Only this module (and launch/) import Ray, and only inside `ray_train_loop`.
+Only this module (and launch/) import Ray, and only inside `ray_train_loop` and its helpers.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +51,12 @@ def setup_logging() -> None:
     )
 
 
-def run_worker(spec_json: str, run_info: RunInfo | dict | None, *,
-               reporter: Reporter | None = None, dump_on_sigterm: bool = False) -> TrainResult:
+def run_worker(spec_json: str, run_info: RunInfo | dict | None, *, reporter: Reporter | None = None,
+               dump_on_sigterm: bool = False, ship_log: Callable[[Path, int], None] | None = None) -> TrainResult:
     """Rebuild the spec and the RunInfo, join the process group, and train. Every rank calls this.
     A failure is raised as JobFailedError("rank R: <root cause>"), the full traceback kept in
-    the rank's log (runtime/failure.py)."""
+    the rank's log (runtime/failure.py); `ship_log(path, start)` then sends the log from byte
+    `start` (this attempt's lines) where the driver can upload it (a rank on another node)."""
     spec = spec_from_json(spec_json)
     run_info = RunInfo.from_dict(run_info)
     rank = int(os.environ.get("RANK", "0"))
@@ -63,6 +65,8 @@ def run_worker(spec_json: str, run_info: RunInfo | dict | None, *,
         return _train_worker(spec, run_info, reporter=reporter, rank_log=rank_log)
     finally:
         close_rank_log(rank_log)
+        if ship_log is not None and rank_log is not None:
+            ship_log(rank_log.path, rank_log.start)
 
 
 def _train_worker(spec, run_info: RunInfo, *, reporter: Reporter | None, rank_log) -> TrainResult:
@@ -185,7 +189,33 @@ def ray_train_loop(config: dict[str, Any]) -> None:
         node = ray.get_runtime_context().get_node_id()
         sink.register.remote(int(os.environ.get("RANK", "0")), f"{ray.util.get_node_ip_address()}/{node[:12]}")
     reporter = _RayReporter(sink, is_main=os.environ.get("RANK") == "0", tune_metric=config.get("tune_metric"))
-    run_worker(config["spec_json"], config.get("run_info"), reporter=reporter, dump_on_sigterm=True)
+    run_worker(config["spec_json"], config.get("run_info"), reporter=reporter, dump_on_sigterm=True,
+               ship_log=_log_shipper(sink))
+
+
+def _log_shipper(sink: Any) -> Callable[[Path, int], None] | None:
+    """On a node other than the driver's, send this attempt's rank log to the driver's run
+    folder through the ProgressSink actor (it runs on the driver's node); else nothing to do."""
+    if sink is None:
+        return None
+    import ray
+
+    try:
+        if ray.get(sink.node.remote(), timeout=30) == ray.get_runtime_context().get_node_id():
+            return None
+    except Exception as e:  # noqa: BLE001 - the driver is gone: nobody to upload the log
+        log.warning("rank log stays on this node (%s)", e)
+        return None
+
+    def ship(path: Path, start: int) -> None:
+        try:
+            with open(path, "rb") as f:
+                f.seek(start)
+                ray.get(sink.append_log.remote(str(path), start, f.read()), timeout=60)
+        except Exception as e:  # noqa: BLE001 - never hide the worker's own outcome
+            log.warning("could not send %s to the driver's node: %s", path, e)
+
+    return ship
 
 
 def main(argv: list[str] | None = None) -> int:

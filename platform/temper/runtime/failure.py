@@ -2,11 +2,11 @@
 
     <run folder>/logs/rank-N.txt     every log line of rank N, its full traceback on failure,
                                      and its Python stacks (all threads) on a hang: written
-                                     when a step runs past fault.collective_timeout_s and
+                                     when a step runs past 90% of fault.collective_timeout_s and
                                      when the launcher stops it (SIGTERM)
 
-`StepWatch` is the loop's side: each step it re-arms the stack dump (faulthandler) and tells
-the process group's store which step this rank entered, so that the rank whose collective
+`StepWatch` is the loop's side: each step it re-arms the stack dump (faulthandler) and notes the
+step this rank entered, which a background thread writes to the process group's store, so that the rank whose collective
 times out can name the ranks that never reached it (`describe_timeout`).
 """
 
@@ -37,6 +37,7 @@ class RankLog:
     def __init__(self, path: Path, *, rank: int, dump_on_sigterm: bool) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path, self.rank = path, rank
+        self.start = path.stat().st_size if path.exists() else 0  # where this attempt's lines begin
         self.file: IO[str] = open(path, "a", buffering=1)  # noqa: SIM115 - lives as long as the worker
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         self.file.write(f"=== rank {rank}, pid {os.getpid()}, attempt {attempt} ===\n")
@@ -88,29 +89,73 @@ def close_rank_log(rank_log: RankLog | None) -> None:
 
 
 class StepWatch:
-    """Per step: re-arm the stack dump and publish the step this rank entered (one store set)."""
+    """Per step: re-arm the stack dump and note the step this rank entered.
+
+    The dump fires at DUMP_AT of the collective timeout after a step began, so every rank's
+    stacks are in its log before the collective's own timeout ends the process. The step
+    reaches the process group's store from a background thread (at most every PUBLISH_S, and
+    once more on a hang: a rank blocked in a collective releases the GIL), so the step itself
+    never waits on a store round trip (one TCP round trip to the master per step otherwise)."""
 
     #: re-arm at most this often (re-arming costs ~40 us): the dump then fires up to this much
-    #: before a stalled step's own timeout, never later
+    #: before DUMP_AT x timeout, never later
     REARM_S = 1.0
+    DUMP_AT = 0.9
+    PUBLISH_S = 0.5
 
     def __init__(self, *, rank: int, world_size: int, timeout_s: float) -> None:
         self.rank, self.timeout_s = rank, timeout_s
         self.log = _current
-        self.store = _store() if world_size > 1 else None
         self.rearm_s = min(self.REARM_S, timeout_s / 4)
         self.armed_at = -self.rearm_s
+        self.entered: int | None = None
+        self.publisher = _BeaconPublisher(_store(), rank=rank, every_s=min(self.PUBLISH_S, timeout_s / 8),
+                                          read=lambda: self.entered) if world_size > 1 else None
 
     def step(self, step: int) -> None:
         if self.log is not None and time.monotonic() - self.armed_at >= self.rearm_s:
             self.armed_at = time.monotonic()
-            self.log.arm(self.timeout_s)
-        if self.store is not None:
-            self.store.set(f"{_BEACON}{self.rank}", str(step))
+            self.log.arm(self.DUMP_AT * self.timeout_s)
+        self.entered = step
 
     def close(self) -> None:
         if self.log is not None:
             faulthandler.cancel_dump_traceback_later()
+        if self.publisher is not None:
+            self.publisher.close()
+
+
+class _BeaconPublisher:
+    """A daemon thread that writes the rank's latest entered step to the store when it changes."""
+
+    def __init__(self, store, *, rank: int, every_s: float, read) -> None:
+        import threading
+
+        self.store, self.key, self.every_s, self.read = store, f"{_BEACON}{rank}", every_s, read
+        self.stop = threading.Event()
+        self.published: int | None = None
+        self.thread = threading.Thread(target=self._run, name="temper-step-beacon", daemon=True)
+        if store is not None:
+            self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.every_s):
+            self.publish()
+
+    def publish(self) -> None:
+        step = self.read()
+        if step is None or step == self.published:
+            return
+        try:
+            self.store.set(self.key, str(step))
+            self.published = step
+        except Exception:  # noqa: BLE001 - the store's host is gone: the job is ending anyway
+            self.stop.set()
+
+    def close(self) -> None:
+        if self.thread.is_alive():
+            self.stop.set()
+            self.thread.join(timeout=5)
 
 
 def _store():

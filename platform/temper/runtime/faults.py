@@ -4,9 +4,11 @@
 
 KIND is `kill` (the worker SIGKILLs itself before step STEPS), `raise` (a RuntimeError),
 `forward` (a RuntimeError from inside the model's forward, through a forward pre-hook),
-`hang` (the worker sleeps, so its peers' next collective times out), `nan` (the training
+`hang` (the worker sleeps, so its peers' next collective times out), `oom` (an allocation
+larger than any device: on CUDA a real torch.cuda.OutOfMemoryError), `nan` (the training
 loss of those steps becomes NaN) or `sigterm` (the worker sends itself SIGTERM before the
-step and trains on: a spot notice, fault.preemption_grace_s). STEPS is one step or a range `A-B`; RANK a rank or `*`.
+step and trains on: a spot notice, fault.preemption_grace_s). STEPS is one step or a range
+`A-B`; RANK a rank or `*`.
 With `TEMPER_FAULT_ONCE=PATH` the fault fires only while PATH does not exist (it is
 created when the fault fires), so a restarted worker group runs clean: one failure.
 
@@ -28,7 +30,7 @@ import torch
 from temper.errors import TemperError
 
 log = logging.getLogger(__name__)
-KINDS = ("kill", "raise", "forward", "hang", "nan", "sigterm")
+KINDS = ("kill", "raise", "forward", "hang", "oom", "nan", "sigterm")
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,9 @@ class Fault:
             return
         if self.kind == "raise":
             raise RuntimeError(f"injected fault at step {step} on rank {rank} (TEMPER_FAULT)")
+        if self.kind == "oom":
+            cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+            torch.empty(1 << 50, dtype=torch.uint8, device="cuda" if cuda else "cpu")  # 1 PiB
         time.sleep(10**6)  # hang: a peer's collective times out first
 
     def install(self, model: torch.nn.Module, *, rank: int) -> None:

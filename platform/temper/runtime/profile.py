@@ -64,7 +64,7 @@ class StepProfiler:
         with open(trace, "rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
             shutil.copyfileobj(src, dst)
         trace.unlink()
-        sort = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        sort = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         table = prof.key_averages(group_by_input_shape=self.spec.record_shapes).table(sort_by=sort, row_limit=30)
         (self.folder / f"rank-{self.rank}-top-ops.txt").write_text(table + "\n")
         if self.device.type == "cuda" and self.spec.memory_snapshot:
