@@ -39,6 +39,14 @@ class JobFailedError(TemperError):
     exit_code = 1
 
 
+class JobPreemptedError(TemperError):
+    """The job saved a checkpoint and stopped on a SIGTERM (fault.preemption_grace_s): not a
+    failure; the same command resumes it. Exit code 75 (EX_TEMPFAIL: try again), so a
+    RayJob or Kubernetes Job retry (backoffLimit) restarts it."""
+
+    exit_code = 75
+
+
 def root_cause(error: BaseException) -> tuple[str, str | None]:
     """The one line that names why `error` happened, and that cause's own traceback (None
     for our TemperErrors: their message is the whole story).

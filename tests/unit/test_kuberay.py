@@ -52,6 +52,11 @@ SPECS = {
     "deadlines": {"cluster": {"ttl_seconds_after_finished": 600, "active_deadline_seconds": 3600,
                               "backoff_limit": 3}},
     "keep-cluster": {"cluster": {"shutdown_after_job_finishes": False, "ray_version": "2.60.0"}},
+    "elastic-spot": {"resources": {"workers": 4, "min_workers": 2}, "train": {"grad_accum": 3},
+                     "fault": {"preemption_grace_s": 90},
+                     "cluster": {"node_selector": {"cloud.google.com/gke-spot": "true"},
+                                 "tolerations": [{"key": "cloud.google.com/gke-spot", "operator": "Equal",
+                                                  "value": "true", "effect": "NoSchedule"}]}},
 }
 
 
@@ -273,3 +278,20 @@ def test_dry_run_returns_the_yaml_and_contacts_nothing(tmp_path: Path, monkeypat
 def test_bad_namespaces_in_the_address(address: str) -> None:
     with pytest.raises(TemperError, match="is not a Kubernetes namespace name"):
         KubeRayTarget.from_address(address)
+
+
+def test_an_elastic_job_autoscales_its_worker_group_and_pods_get_the_grace_time() -> None:
+    """resources.min_workers: minReplicas holds min_workers, maxReplicas all of them, with the
+    in-tree autoscaler; every pod's terminationGracePeriodSeconds covers preemption_grace_s."""
+    job = rayjob(make_spec(**SPECS["elastic-spot"]))
+    cluster = job["spec"]["rayClusterSpec"]
+    group = cluster["workerGroupSpecs"][0]
+    assert (group["minReplicas"], group["replicas"], group["maxReplicas"]) == (2, 4, 4)
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert all(pod["spec"]["terminationGracePeriodSeconds"] == 90 + km.TERMINATION_MARGIN_S
+               for pod in pods(job).values())
+    fixed = rayjob(make_spec(**SPECS["cpu"]))["spec"]["rayClusterSpec"]
+    assert "enableInTreeAutoscaling" not in fixed
+    assert fixed["workerGroupSpecs"][0]["minReplicas"] == fixed["workerGroupSpecs"][0]["maxReplicas"] == 2
+    off = rayjob(make_spec(fault={"preemption_grace_s": 0}))
+    assert all("terminationGracePeriodSeconds" not in pod["spec"] for pod in pods(off).values())

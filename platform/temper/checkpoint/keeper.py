@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +49,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 class Resumed:
     step: int
     path: str
+    world_size: int | None = None  # the world size the checkpoint was written at
 
 
 def build_keeper(spec: JobSpec, *, ctx: DistContext, run_info: RunInfo) -> CheckpointKeeper | NoCheckpoints:
@@ -61,7 +63,12 @@ def build_keeper(spec: JobSpec, *, ctx: DistContext, run_info: RunInfo) -> Check
 class NoCheckpoints:
     """Checkpointing off: nothing to restore, never due, a stop saves nothing."""
 
+    last_save_s = 0.0
+
     def restore(self, **_: Any) -> Resumed | None:
+        return None
+
+    def latest_step(self) -> int | None:
         return None
 
     def due(self, step: int) -> bool:
@@ -85,6 +92,7 @@ class CheckpointKeeper:
         self.spec, self.ctx = spec, ctx
         self.run_id = run_info.run_id
         self.hash = spec_hash(spec)
+        self.last_save_s = 0.0  # how long the last save() took (a preemption's estimate)
         self.checkpointer = Checkpointer(
             run_dir=run_info.checkpoint_dir, ctx=ctx, keep_last=spec.checkpoint.keep_last,
             async_save=spec.checkpoint.async_save, storage_options=storage_options(spec),
@@ -108,7 +116,12 @@ class CheckpointKeeper:
             set_rng_state(loaded.rank_state["rng"])
         else:  # a new layout: fresh, reproducible streams for this rank
             torch.manual_seed(self.spec.seed + 7919 * loaded.step + self.ctx.rank)
-        return Resumed(step=loaded.step, path=ckpt.path)
+        return Resumed(step=loaded.step, path=ckpt.path, world_size=loaded.manifest.world_size)
+
+    def latest_step(self) -> int | None:
+        """The newest committed checkpoint's step (every rank calls it)."""
+        ckpt = self.checkpointer.latest()
+        return ckpt.manifest.step if ckpt is not None else None
 
     def due(self, step: int) -> bool:
         """A save at this step: every checkpoint.every_steps, and at train.max_steps."""
@@ -118,7 +131,14 @@ class CheckpointKeeper:
     def save(self, *, step: int, strategy, scheduler, data, tracker) -> float | None:
         """Save at `step` (every rank); returns the seconds training was blocked. Rank 0's
         metrics not yet delivered to MLflow ride along (a killed worker would lose them)."""
+        started = time.monotonic()
         rank_state = {"rng": rng_state(), "scheduler": scheduler.state_dict(), "metrics": tracker.unsent()}
+        try:
+            return self._save(step=step, strategy=strategy, data=data, rank_state=rank_state)
+        finally:
+            self.last_save_s = time.monotonic() - started
+
+    def _save(self, *, step: int, strategy, data, rank_state: dict) -> float | None:
         return self.checkpointer.save(
             step=step, strategy=strategy, spec_hash=self.hash, run_id=self.run_id,
             data=data.state_dict(), rank_state=rank_state,

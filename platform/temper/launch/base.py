@@ -34,6 +34,8 @@ class LaunchResult:
     steps: int
     metrics: dict[str, float] = field(default_factory=dict)
     loss_history: list[tuple[int, float]] = field(default_factory=list)
+    preempted: bool = False  # the workers saved and stopped on a SIGTERM (fault.preemption_grace_s)
+    checkpoint_step: int | None = None  # preempted: the step the next run resumes from
 
 
 class Launcher(ABC):
@@ -50,6 +52,12 @@ class Launcher(ABC):
         """The driver created the MLflow run after the workers started (the server was down):
         hand its id to rank 0. The driver also writes it to `RunInfo.run_id_file`, which
         is enough for workers on this machine; launchers with remote workers override this."""
+
+    def preempt(self) -> None:
+        """The driver got SIGTERM with fault.preemption_grace_s > 0: ask every worker to save
+        at its next step and exit (launch() then returns preempted). The default stops the
+        job like Ctrl-C."""
+        raise KeyboardInterrupt("stopped by SIGTERM (temper stop, or the cluster)")
 
     def stop(self) -> None:
         """Stop the workers now (Ctrl-C); must be safe to call at any time."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from temper.console import console
-from temper.errors import JobFailedError, TemperError, WorkerFailedError
+from temper.errors import JobFailedError, JobPreemptedError, TemperError, WorkerFailedError
 from temper.launch.base import Job, Launcher, LaunchResult
 from temper.launch.signals import sigterm_interrupts
 from temper.run_info import RunInfo
@@ -67,10 +67,12 @@ def run_job(spec: JobSpec, *, launcher: Launcher, workdir: Path, resume: str | N
     job = Job(spec=spec, spec_json=spec_to_json(spec), run_info=run_info, workdir=workdir)
     status, error = "FAILED", None
     try:
-        with sigterm_interrupts():
+        with sigterm_interrupts(launcher.preempt if spec.fault.preemption_grace_s > 0 else None):
             result = launcher.launch(job)
-        status = "FINISHED"
-        if spec.tracking.register_model and tracking.handle is not None:
+        status = "KILLED" if result.preempted else "FINISHED"  # preempted: resumable, never FAILED
+        if result.preempted:  # the run's temper.error / note say so (`temper stop` sends SIGTERM too)
+            error = _preempted_message(result)
+        if spec.tracking.register_model and tracking.handle is not None and not result.preempted:
             from temper.launch.lifecycle import register_run_model
 
             register_run_model(spec, handle=tracking.handle, checkpoint_dir=tracking.checkpoint_dir)
@@ -94,8 +96,16 @@ def run_job(spec: JobSpec, *, launcher: Launcher, workdir: Path, resume: str | N
     finally:
         launcher.close()
         handle = tracking.finish(status=status, error=error)
+    if result.preempted:
+        raise JobPreemptedError(error)
     return JobOutcome(result=result, run_id=handle.run_id if handle else None,
                       tracking_uri=handle.tracking_uri if handle else None)
+
+
+def _preempted_message(result: LaunchResult) -> str:
+    where = f"step {result.checkpoint_step}" if result.checkpoint_step else "the start (no checkpoint yet)"
+    return (f"preempted at step {result.steps} (SIGTERM): the run resumes from {where}; the MLflow run is "
+            "KILLED with tag temper.preempted; run the same command again to continue")
 
 
 def _data_tags(spec: JobSpec) -> dict[str, str]:

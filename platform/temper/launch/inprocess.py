@@ -33,7 +33,8 @@ class InProcessLauncher(Launcher):
     name = "inprocess"
 
     def check(self, spec: JobSpec) -> None:
-        if spec.resources.workers != 1:
+        r = spec.resources
+        if r.workers != 1 and not (r.min_workers is not None and r.min_workers <= 1):  # elastic: runs at 1
             raise TemperError(
                 f"resources.workers: --launcher inprocess runs exactly 1 worker, got "
                 f"{spec.resources.workers}; set resources.workers=1 or use --launcher torchrun"
@@ -48,4 +49,5 @@ class InProcessLauncher(Launcher):
         with _worker_env(**env):
             setup_logging()
             result = run_worker(job.spec_json, job.run_info)
-        return LaunchResult(steps=result.steps, metrics=result.metrics, loss_history=result.loss_history)
+        return LaunchResult(steps=result.steps, metrics=result.metrics, loss_history=result.loss_history,
+                            preempted=result.preempted, checkpoint_step=result.checkpoint_step)

@@ -71,6 +71,12 @@ def _progress_sink_class():
         def request_stop(self) -> None:
             self.stop = True
 
+        def request_preempt(self) -> None:
+            self.preempt = True
+
+        def preempt_requested(self) -> bool:
+            return getattr(self, "preempt", False)
+
         def stop_requested(self) -> bool:
             return self.stop
 
@@ -91,6 +97,26 @@ def _progress_sink_class():
             append_shipped_log(path, start=start, data=data)
 
     return ProgressSink
+
+
+#: Seconds past fault.preemption_grace_s before the driver stops waiting for the workers.
+PREEMPT_MARGIN_S = 10.0
+
+
+def scaling_kwargs(spec: Any) -> dict[str, Any]:
+    """ScalingConfig's size: `workers`, or for an elastic job (min_workers < workers) Ray Train
+    V2's (min, max) range with its resize check every resources.resize_interval_s."""
+    r = spec.resources
+    if r.min_workers is None or r.min_workers >= r.workers:
+        return {"num_workers": r.workers}
+    return {"num_workers": (r.min_workers, r.workers), "elastic_resize_monitor_interval_s": r.resize_interval_s}
+
+
+def failure_retries(spec: Any) -> int:
+    """FailureConfig.max_failures: fault.max_failures; an elastic job restarts (at its new size)
+    on every lost worker, so it retries without limit (-1) unless max_failures says otherwise."""
+    elastic = spec.resources.min_workers is not None and spec.resources.min_workers < spec.resources.workers
+    return -1 if elastic and spec.fault.max_failures == 0 else spec.fault.max_failures
 
 
 class RayLauncher(Launcher):
@@ -163,14 +189,14 @@ class RayLauncher(Launcher):
             train_loop_config={**job.payload(), "progress_sink": sink, **self.loop_config_extra()},
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo",
                                      timeout_s=int(job.spec.fault.collective_timeout_s)),
-            scaling_config=ScalingConfig(num_workers=r.workers, use_gpu=use_gpu,
+            scaling_config=ScalingConfig(**scaling_kwargs(job.spec), use_gpu=use_gpu,
                                          resources_per_worker=resources,
                                          placement_strategy=r.placement.upper()),
             run_config=RunConfig(
                 name=f"{job.spec.name}-{(job.run_info.run_id or 'norun')[:8]}",
                 storage_path=storage,
                 # A failed worker restarts the whole group; it resumes from the last checkpoint.
-                failure_config=FailureConfig(max_failures=job.spec.fault.max_failures),
+                failure_config=FailureConfig(max_failures=failure_retries(job.spec)),
                 # Ray Train's own INFO lines (worker group start etc.) only when asked for.
                 logging_config=LoggingConfig(log_level=os.environ.get("TEMPER_LOG_LEVEL", "WARNING").upper()),
                 callbacks=self.train_callbacks(),
@@ -201,7 +227,7 @@ class RayLauncher(Launcher):
         pump = threading.Thread(target=self._pump, args=(sink,), daemon=True)
         pump.start()
         try:
-            self._fit(self._trainer(job, sink), sink)
+            self._fit(self._trainer(job, sink), sink, grace_s=job.spec.fault.preemption_grace_s)
         except KeyboardInterrupt:
             raise
         except Exception as e:  # Ray wraps worker errors; surface the root cause
@@ -215,7 +241,7 @@ class RayLauncher(Launcher):
         return self._result
 
     @staticmethod
-    def _fit(trainer: Any, sink: Any) -> None:
+    def _fit(trainer: Any, sink: Any, *, grace_s: float = 0.0) -> None:
         """Run fit() off the main thread, owning Ctrl-C while it runs.
 
         Ray Train installs its own SIGINT handler when fit() runs on the main thread (it
@@ -226,6 +252,13 @@ class RayLauncher(Launcher):
         """
         outcome: dict[str, BaseException] = {}
         deadline: list[float] = []
+        preempt_deadline: list[float] = []
+
+        def on_sigterm() -> None:  # fault.preemption_grace_s: save at the next step and exit
+            preempt_deadline.append(time.monotonic() + grace_s + PREEMPT_MARGIN_S)
+            sink.request_preempt.remote()
+            console.print(f"SIGTERM: the workers save at their next step and exit "
+                          f"(fault.preemption_grace_s={grace_s:g})...")
 
         def target() -> None:
             try:
@@ -244,12 +277,16 @@ class RayLauncher(Launcher):
         thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
         previous = signal.signal(signal.SIGINT, on_sigint)
         try:
-            with sigterm_interrupts():  # over ray.init's own SIGTERM handler (it just exits)
+            # over ray.init's own SIGTERM handler (it just exits)
+            with sigterm_interrupts(on_sigterm if grace_s > 0 else None):
                 thread.start()
                 while thread.is_alive():
                     thread.join(0.5)
                     if deadline and time.monotonic() > deadline[0]:
                         raise KeyboardInterrupt
+                    if preempt_deadline and time.monotonic() > preempt_deadline[0]:
+                        raise KeyboardInterrupt("preempted: the workers did not stop within "
+                                                "fault.preemption_grace_s")
         finally:
             signal.signal(signal.SIGINT, previous)
         if deadline:
@@ -262,6 +299,8 @@ class RayLauncher(Launcher):
         for event in events:
             self._display.update(event)
             self._result.steps = max(self._result.steps, int(event["step"]))
+            if "preempted" in event:  # rank 0 saved (or kept the previous checkpoint) and stopped
+                self._result.preempted, self._result.checkpoint_step = True, event.get("checkpoint_step")
             metrics = {k: v for k, v in event.items() if "/" in k}
             self._result.metrics.update(metrics)
             if "train/loss" in metrics:

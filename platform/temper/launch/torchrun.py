@@ -13,12 +13,16 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from temper.console import console
 from temper.errors import JobFailedError, WorkerFailedError
 from temper.launch.base import STOP_GRACE_S, Job, Launcher, LaunchResult
-from temper.runtime.report import STOP_FILE_ENV
+from temper.runtime.report import PREEMPT_FILE_ENV, STOP_FILE_ENV
+
+#: Seconds past fault.preemption_grace_s before the driver kills workers still saving.
+PREEMPT_MARGIN_S = 10.0
 
 
 class TorchrunLauncher(Launcher):
@@ -26,6 +30,8 @@ class TorchrunLauncher(Launcher):
 
     def __init__(self) -> None:
         self._proc: subprocess.Popen | None = None
+        self._preempt_file: Path | None = None
+        self._kill_timer: threading.Timer | None = None
 
     def command(self, job: Job, *, job_file: Path, result_file: Path) -> list[str]:
         return [
@@ -43,7 +49,7 @@ class TorchrunLauncher(Launcher):
             job_file, result_file = tmpdir / "job.json", tmpdir / "result.json"
             job_file.write_text(json.dumps(job.payload()))
             env = {**os.environ, "TEMPER_ERROR_DIR": str(tmpdir), "OMP_NUM_THREADS": "1",
-                   STOP_FILE_ENV: str(tmpdir / "stop"),
+                   STOP_FILE_ENV: str(tmpdir / "stop"), PREEMPT_FILE_ENV: str(tmpdir / "preempt"),
                    # A fresh rendezvous store per restart: with torchrun's shared store, a
                    # restarted group read the previous attempt's gloo addresses and could not
                    # connect (fault.max_failures; seen with torch 2.13).
@@ -54,18 +60,36 @@ class TorchrunLauncher(Launcher):
                 self.command(job, job_file=job_file, result_file=result_file),
                 env=env, cwd=job.workdir, start_new_session=True,
             )
+            self._preempt_file, grace = tmpdir / "preempt", job.spec.fault.preemption_grace_s
+            self._grace_s = grace
             try:
                 code = self._proc.wait()
             except KeyboardInterrupt:
                 self._graceful_stop(tmpdir / "stop")
                 raise
+            finally:
+                if self._kill_timer is not None:
+                    self._kill_timer.cancel()
             if code != 0:
                 raise _root_cause(tmpdir, code)
             data = json.loads(result_file.read_text())
         return LaunchResult(
             steps=data["steps"], metrics=data["metrics"],
             loss_history=[tuple(x) for x in data["loss_history"]],
+            preempted=bool(data.get("preempted")), checkpoint_step=data.get("checkpoint_step"),
         )
+
+    def preempt(self) -> None:
+        """SIGTERM: the workers save at their next step (rank 0 polls the file) and exit; past
+        the grace time (and a margin) they are killed."""
+        if self._preempt_file is None:
+            raise KeyboardInterrupt("stopped by SIGTERM before the workers started")
+        self._preempt_file.touch()
+        console.print(f"SIGTERM: the workers save at their next step and exit (fault.preemption_grace_s="
+                      f"{self._grace_s:g})...")
+        self._kill_timer = threading.Timer(self._grace_s + PREEMPT_MARGIN_S, self.stop)
+        self._kill_timer.daemon = True
+        self._kill_timer.start()
 
     def _graceful_stop(self, stop_file: Path) -> None:
         stop_file.touch()

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -134,14 +135,46 @@ class _RayReporter(Reporter):
         return ray.get(self.sink.run_id.remote(), timeout=10) or super().run_id(run_info)
 
     def should_stop(self) -> bool:
+        return self._ask("stop_requested")
+
+    def preempt_requested(self) -> bool:
+        return self._ask("preempt_requested")
+
+    def _ask(self, method: str) -> bool:
         if self.sink is None:
             return False
         import ray
 
         try:
-            return bool(ray.get(self.sink.stop_requested.remote(), timeout=10))
+            return bool(ray.get(getattr(self.sink, method).remote(), timeout=10))
         except Exception:  # the driver is gone or slow: keep training, Ray ends us if needed
             return False
+
+    def on_sigterm(self, callback):
+        """The train function runs in a thread of Ray's worker process, whose main thread owns
+        SIGTERM: its handler (ray._private.worker) raises SystemExit through
+        raise_sys_exit_with_custom_error_message. That name is swapped, while training, for
+        one that calls `callback` for SIGTERM instead, so the rank saves before it exits.
+        A private API: when it is not there, a SIGTERM kills the worker as before (the
+        group restarts from the previous checkpoint)."""
+        if threading.current_thread() is threading.main_thread():
+            return super().on_sigterm(callback)
+        try:
+            import ray._private.worker as ray_worker
+
+            original = ray_worker.raise_sys_exit_with_custom_error_message
+        except (ImportError, AttributeError):
+            log.warning("preemption: cannot hook Ray's SIGTERM handler; a SIGTERM kills this worker")
+            return lambda: None
+
+        def hooked(message, *args, **kwargs):
+            if "SIGTERM" in str(message):
+                callback()
+                return None
+            return original(message, *args, **kwargs)
+
+        ray_worker.raise_sys_exit_with_custom_error_message = hooked
+        return lambda: setattr(ray_worker, "raise_sys_exit_with_custom_error_message", original)
 
 
 def ray_train_loop(config: dict[str, Any]) -> None:

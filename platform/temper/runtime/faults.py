@@ -5,8 +5,10 @@
 KIND is `kill` (the worker SIGKILLs itself before step STEPS), `raise` (a RuntimeError),
 `forward` (a RuntimeError from inside the model's forward, through a forward pre-hook),
 `hang` (the worker sleeps, so its peers' next collective times out), `oom` (an allocation
-larger than any device: on CUDA a real torch.cuda.OutOfMemoryError) or `nan` (the training
-loss of those steps becomes NaN). STEPS is one step or a range `A-B`; RANK a rank or `*`.
+larger than any device: on CUDA a real torch.cuda.OutOfMemoryError), `nan` (the training
+loss of those steps becomes NaN) or `sigterm` (the worker sends itself SIGTERM before the
+step and trains on: a spot notice, fault.preemption_grace_s). STEPS is one step or a range
+`A-B`; RANK a rank or `*`.
 With `TEMPER_FAULT_ONCE=PATH` the fault fires only while PATH does not exist (it is
 created when the fault fires), so a restarted worker group runs clean: one failure.
 
@@ -28,7 +30,7 @@ import torch
 from temper.errors import TemperError
 
 log = logging.getLogger(__name__)
-KINDS = ("kill", "raise", "forward", "hang", "oom", "nan")
+KINDS = ("kill", "raise", "forward", "hang", "oom", "nan", "sigterm")
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,9 @@ class Fault:
         log.warning("TEMPER_FAULT: injecting %s at step %d on rank %d", self.kind, step, rank)
         if self.kind == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.kind == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         if self.kind == "raise":
             raise RuntimeError(f"injected fault at step {step} on rank {rank} (TEMPER_FAULT)")
         if self.kind == "oom":

@@ -33,10 +33,12 @@ from temper.models import build_model
 from temper.objectives import build_objective
 from temper.objectives.base import Objective
 from temper.run_info import InitFromLocation, RunInfo
+from temper.runtime.elastic import grad_accum_for, tag_resize
 from temper.runtime.failure import StepWatch
 from temper.runtime.faults import Fault, fault_from_env
 from temper.runtime.optim import build_optimizer, build_scheduler
 from temper.runtime.perf import PerfMeter, peak_flops
+from temper.runtime.preempt import Preemption, preempt_save
 from temper.runtime.profile import build_profiler
 from temper.runtime.report import Reporter
 from temper.runtime.system import StepTimer, SystemSampler, node_name, rank_metrics
@@ -58,6 +60,7 @@ class TrainResult:
     resumed_from: int | None = None  # the checkpoint step this run continued from
     checkpoint_step: int | None = None  # the last checkpoint saved (committed once the run ends)
     skipped_steps: int = 0  # optimizer steps skipped for a NaN/Inf loss (train.on_nan=skip)
+    preempted: bool = False  # stopped by a SIGTERM; checkpoint_step is where the next run resumes
 
 
 @dataclass
@@ -141,6 +144,8 @@ def train(
         result.steps = result.resumed_from = resumed.step
         tracker.set_tags({"temper.resumed_from": resumed.path})
         log.warning("resumed from %s at step %d", resumed.path, resumed.step)
+    accum = grad_accum_for(spec, ctx=ctx)  # elastic: the global batch kept at this world size
+    tag_resize(tracker, resumed=resumed, ctx=ctx, accum=accum)
     perf = PerfMeter(
         device=ctx.device,
         world_size=ctx.world_size,
@@ -153,11 +158,14 @@ def train(
                  result=result,
                  watch=StepWatch(rank=ctx.rank, world_size=ctx.world_size, timeout_s=spec.fault.collective_timeout_s),
                  profiler=build_profiler(spec.train.profile, run_folder=run_info.run_folder, rank=ctx.rank,
-                                         device=ctx.device))
+                                         device=ctx.device),
+                 accum=accum, preempt=Preemption.build(grace_s=spec.fault.preemption_grace_s, ctx=ctx,
+                                                       reporter=reporter))
     try:
         loop.run()
         keeper.close()  # an async save in flight is committed before the run ends
     finally:
+        loop.preempt.close()
         loop.watch.close()
         loop.profiler.close()
         tracker.close()
@@ -205,6 +213,8 @@ class _Loop:
     result: TrainResult
     watch: StepWatch  # the stack dump armed per step, the step beacon (runtime/failure.py)
     profiler: Any  # train.profile (runtime/profile.py); a no-op when unset
+    accum: int  # micro-steps per optimizer step (elastic: keeps the global batch at this size)
+    preempt: Preemption  # SIGTERM -> save at the next step boundary (runtime/preempt.py)
     skips: _Skips = field(default_factory=_Skips)
     fault: Fault | None = field(default_factory=fault_from_env)
 
@@ -229,9 +239,12 @@ class _Loop:
             self.perf.tick(samples=samples, tokens=tokens)
             last = step == t.max_steps
             save = self.keeper.due(step)
-            if step % t.log_every == 0 or last or save:
+            preempted = None if last else self.preempt.agreed(last_save_s=self.keeper.last_save_s)
+            if step % t.log_every == 0 or last or save or preempted:
                 self.log_window(step=step, lr=lr, last=last)
             result.steps = step
+            if preempted is not None:  # every rank saw the SIGTERM in the same all-gather
+                return self.save_preempted(preempted, step=step)
             if save or result.stopped:
                 blocked = self.keeper.save(step=step, strategy=self.strategy, scheduler=self.scheduler,
                                            data=self.data, tracker=self.tracker)
@@ -252,7 +265,7 @@ class _Loop:
         metrics, result.stopped = _close_window(self.window, ctx=self.ctx, perf=self.perf, stop=stop,
                                                 skipped=getattr(self.data, "skipped", None),
                                                 replicas=self.strategy.data_world_size, probe=self.probe)
-        metrics["train/lr"] = lr
+        metrics.update({"train/lr": lr, "perf/world_size": self.ctx.world_size, "train/grad_accum": self.accum})
         _check_finite(metrics["train/loss"], step=step)  # before any checkpoint of this window
         if t.on_nan == "skip":
             metrics["train/skipped_steps"] = result.skipped_steps = self.skips.total
@@ -261,6 +274,17 @@ class _Loop:
         self.tracker.log_metrics(metrics, step=step)
         self.reporter.progress({"step": step, "max_steps": t.max_steps, **metrics})
         self.window = _Window.empty(self.ctx.device)
+
+    def save_preempted(self, decision, *, step: int) -> None:
+        """Save (or keep the previous checkpoint, when the grace time is too short) and stop."""
+        keeper, result = self.keeper, self.result
+        result.preempted = True
+        result.checkpoint_step = preempt_save(
+            decision, step=step, keeper=keeper, tracker=self.tracker,
+            save=lambda: keeper.save(step=step, strategy=self.strategy, scheduler=self.scheduler,
+                                     data=self.data, tracker=self.tracker))
+        self.reporter.progress({"step": step, "max_steps": self.spec.train.max_steps, "preempted": step,
+                                "checkpoint_step": result.checkpoint_step})
 
     def evaluate(self, *, step: int) -> None:
         metrics, files = evaluate(strategy=self.strategy, objective=self.objective, data=self.data,
@@ -276,7 +300,7 @@ class _Loop:
         With on_nan=skip a step whose loss or gradient norm is not finite on any rank updates
         nothing (every rank decides alike) and does not enter the window's averages."""
         strategy, ctx, timer, fault = self.strategy, self.ctx, self.probe.timer, self.fault
-        accum = self.spec.train.grad_accum
+        accum = self.accum
         samples = tokens = 0
         loss_sum = torch.zeros((), device=ctx.device)
         step_metrics: dict[str, torch.Tensor] = {}

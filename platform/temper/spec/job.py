@@ -37,6 +37,7 @@ from temper.spec.architectures import (  # noqa: F401
 )
 from temper.spec.base import BaseSpec
 from temper.spec.cluster import ClusterSpec
+from temper.spec.elastic import elastic_problems
 from temper.spec.finetune import InitFromSpec, SubsetSpec
 from temper.spec.strategy import (  # the strategy specs are re-exported from here
     DDPSpec,
@@ -189,7 +190,17 @@ class TrainSpec(BaseSpec):
 class ResourcesSpec(BaseSpec):
     """How many workers, and what each one reserves."""
 
-    workers: int = Field(default=1, ge=1, description="Training processes (ranks).")
+    workers: int = Field(default=1, ge=1, description="Training processes (ranks); the most an elastic job uses.")
+    min_workers: int | None = Field(
+        default=None, ge=1,
+        description="Elastic when below workers (ray launcher): start once this many can be placed, "
+        "shrink to it when workers are lost, grow back to workers when room appears; every size "
+        "resumes from the last checkpoint and keeps the global batch by changing train.grad_accum "
+        "(docs/checkpoints.md).")
+    resize_interval_s: float = Field(
+        default=60.0, gt=0,
+        description="Elastic jobs: how often Ray checks for room to grow the worker group "
+        "(ScalingConfig.elastic_resize_monitor_interval_s).")
     gpus_per_worker: float = Field(default=0, ge=0, description="GPUs per worker (0: CPU).")
     cpus_per_worker: float = Field(default=1, gt=0, description="CPUs Ray reserves per worker.")
     placement: Literal["pack", "spread", "strict_spread"] = Field(
@@ -230,6 +241,11 @@ class FaultSpec(BaseSpec):
     collective_timeout_s: float = Field(
         default=1800.0, gt=0, description="A collective waiting longer than this fails the job."
     )
+    preemption_grace_s: float = Field(
+        default=30.0, ge=0,
+        description="SIGTERM to the driver or any worker (spot notice, pod eviction): every rank saves "
+        "a checkpoint at the next step boundary within this many seconds and the job exits preempted "
+        "(resumable); 0: SIGTERM stops the job like Ctrl-C (docs/checkpoints.md).")
 
 
 class TrackingSpec(BaseSpec):
@@ -347,6 +363,9 @@ class JobSpec(BaseSpec):
                 f"checkpoint.dir '{self.checkpoint.dir}': DeepSpeed writes checkpoints to a file "
                 "system only; use a shared mount (NFS, FSx, a PVC) or strategy.kind=fsdp"
             )
+        problems = elastic_problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
         problems = strategy_problems(
             strategy=self.strategy, model=self.model, workers=self.resources.workers,
             tp_kinds=TENSOR_PARALLEL_KINDS,

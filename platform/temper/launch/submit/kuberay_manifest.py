@@ -90,6 +90,28 @@ def worker_shape(spec: JobSpec) -> tuple[int, str, int]:
     return pods, cpu, gpus
 
 
+def worker_replicas(spec: JobSpec) -> tuple[int, int]:
+    """(minReplicas, maxReplicas) of the worker group: fixed at `pods`, or for an elastic job
+    (resources.min_workers) as few pods as hold min_workers, up to the full group."""
+    pods, cpu, gpus = worker_shape(spec)
+    r = spec.resources
+    if r.min_workers is None or r.min_workers >= r.workers:
+        return pods, pods
+    per_pod = max(1, math.ceil(r.workers / pods))  # workers per pod when the group is full
+    return min(pods, math.ceil(r.min_workers / per_pod)), pods
+
+
+#: Seconds a pod gets past fault.preemption_grace_s before the kubelet's SIGKILL: the driver's
+#: own margin (launch/ray_launcher.py PREEMPT_MARGIN_S) plus Ray's shutdown and the MLflow close.
+TERMINATION_MARGIN_S = 30
+
+
+def termination_grace_s(spec: JobSpec) -> int | None:
+    """terminationGracePeriodSeconds covering the preemption save; None: Kubernetes' default."""
+    grace = spec.fault.preemption_grace_s
+    return math.ceil(grace) + TERMINATION_MARGIN_S if grace > 0 else None
+
+
 def job_entrypoint(*, run_id: str | None) -> str:
     """The Ray job's shell command: a writable copy of the mounted spec, then `temper run`."""
     steps = [f"mkdir -p {JOB_DIR}", f"cp {SPEC_MOUNT}/{SPEC_FILE} {JOB_DIR}/{SPEC_FILE}",
@@ -118,6 +140,9 @@ def _pod_spec(spec: JobSpec, *, name: str, container: dict[str, Any], mount_spec
         pod["nodeSelector"] = dict(c.node_selector)
     if c.tolerations:
         pod["tolerations"] = [_toleration(t) for t in c.tolerations]
+    grace = termination_grace_s(spec)
+    if grace is not None:  # SIGTERM (eviction, spot reclaim): time to save the checkpoint
+        pod["terminationGracePeriodSeconds"] = grace
     if mount_spec:
         pod["volumes"] = [{"name": "temper-job", "configMap": {"name": spec_configmap_name(name)}}]
         container["volumeMounts"] = [{"name": "temper-job", "mountPath": SPEC_MOUNT, "readOnly": True}]
@@ -162,16 +187,20 @@ def build_cluster_spec(spec: JobSpec, *, name: str) -> dict[str, Any]:
     """rayClusterSpec: a head that holds no training workers (num-cpus 0) and one worker group."""
     c = spec.cluster
     pods, cpu, gpus = worker_shape(spec)
+    low, high = worker_replicas(spec)
     head = _container(spec, name=HEAD_CONTAINER, cpu=c.head.cpu, memory=c.head.memory)
     worker = _container(spec, name="ray-worker", cpu=cpu, memory=c.worker.memory, gpus=gpus)
     cluster: dict[str, Any] = {
         "headGroupSpec": {"rayStartParams": {"num-cpus": "0"},
                           "template": _template(spec, name=name, component="head", container=head)},
         "workerGroupSpecs": [{
-            "groupName": WORKER_GROUP, "replicas": pods, "minReplicas": pods, "maxReplicas": pods,
+            "groupName": WORKER_GROUP, "replicas": high, "minReplicas": low, "maxReplicas": high,
             "rayStartParams": {},
             "template": _template(spec, name=name, component="worker", container=worker)}],
     }
+    if low < high:  # elastic: the autoscaler adds worker pods as room appears (spot pools)
+        cluster["enableInTreeAutoscaling"] = True
+        cluster["autoscalerOptions"] = {"upscalingMode": "Default", "idleTimeoutSeconds": 60}
     version = c.ray_version or ray_version()
     if version:
         cluster["rayVersion"] = version
