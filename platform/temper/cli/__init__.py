@@ -204,8 +204,6 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except (KeyboardInterrupt, typer.Abort) as e:
         why = str(e) if isinstance(e, KeyboardInterrupt) else ""  # e.g. which trials a search left
-        from rich.markup import escape
-
         console.print("[yellow]interrupted[/yellow]" + (f": {escape(why)}" if why else ""), highlight=False)
         return 130
     except typer.Exit as e:

@@ -72,8 +72,8 @@ class TrialLauncher(RayLauncher):
         return [TuneReportCallback()]
 
     @staticmethod
-    def _fit(trainer: Any, sink: Any) -> None:
-        trainer.fit()
+    def _fit(trainer: Any, sink: Any, *, grace_s: float = 0.0) -> None:
+        trainer.fit()  # Tune owns the signals here: it stops the trial
 
 
 def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
