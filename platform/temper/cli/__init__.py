@@ -202,9 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         for line in e.problems:
             console.print(f"[red]error:[/red] {escape(line)}", soft_wrap=True)
         return e.exit_code
-    except (KeyboardInterrupt, typer.Abort) as e:
-        why = str(e) if isinstance(e, KeyboardInterrupt) else ""  # e.g. which trials a search left
-        console.print("[yellow]interrupted[/yellow]" + (f": {escape(why)}" if why else ""), highlight=False)
+    except (KeyboardInterrupt, typer.Abort):
+        console.print("[yellow]interrupted[/yellow]")
         return 130
     except typer.Exit as e:
         return e.exit_code

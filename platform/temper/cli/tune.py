@@ -34,8 +34,13 @@ def tune(
     resumes an interrupted search; the best trial's job file is written beside it."""
     from temper.launch.tune import SearchRequest, run_search
 
-    result = run_search(SearchRequest(job=job, space_path=space, sets=tuple(set_ or ()), workdir=Path.cwd(),
-                                      address=address, register=register, no_resume=no_resume))
+    try:
+        result = run_search(SearchRequest(job=job, space_path=space, sets=tuple(set_ or ()), workdir=Path.cwd(),
+                                          address=address, register=register, no_resume=no_resume))
+    except KeyboardInterrupt as e:  # typer turns it into exit 130 and drops the message: say it here
+        if str(e):
+            console.print(str(e), markup=False)
+        raise
     console.print(result.table, markup=False)
     counts = {s: sum(t.status == s for t in result.trials) for s in ("finished", "early-stopped", "failed")}
     console.print(f"search {result.name}: {len(result.trials)} trials ({counts['finished']} finished, "
