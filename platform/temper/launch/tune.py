@@ -112,7 +112,8 @@ def run_search(request: SearchRequest) -> SearchResult:
                                        restoring=restoring)
     setup = TrialSetup(base_data=data, source=str(request.job), search=name, folder=str(folder),
                        workdir=str(request.workdir.resolve()), metric=settings.metric, parent_run_id=parent,
-                       tags={k: v for k, v in request.parent_tags.items() if k != "mlflow.parentRunId"})
+                       tags={k: v for k, v in request.parent_tags.items() if k != "mlflow.parentRunId"},
+                       tracking_uri=uri)
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"CPU": 0.01})  # the trial only drives its workers
     result = SearchResult(name=name, folder=folder, parent_run_id=parent, tracking_uri=uri,
                           metric=settings.metric, mode=settings.resolved_mode)

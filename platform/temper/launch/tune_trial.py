@@ -39,6 +39,7 @@ class TrialSetup:
     metric: str
     parent_run_id: str
     tags: dict[str, str] = field(default_factory=dict)
+    tracking_uri: str = ""  # where the parent run is (a restarted trial finds its own run there)
 
 
 def trial_spec(setup: TrialSetup, params: dict[str, Any], *, trial_id: str | None) -> JobSpec:
@@ -89,4 +90,19 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     spec = trial_spec(setup, params, trial_id=trial_id)
     tags = {**setup.tags, "mlflow.parentRunId": setup.parent_run_id, SEARCH_TAG: setup.search,
             TRIAL_TAG: trial_id, "temper.tune.params": json.dumps(params, sort_keys=True)}
-    run_job(spec, launcher=TrialLauncher(metric=setup.metric), workdir=Path(setup.workdir), extra_tags=tags)
+    run_job(spec, launcher=TrialLauncher(metric=setup.metric), workdir=Path(setup.workdir), extra_tags=tags,
+            run_id=_own_run(setup, trial_id))
+
+
+def _own_run(setup: TrialSetup, trial_id: str) -> str | None:
+    """The trial's MLflow run from an earlier start (the search was stopped or its driver died):
+    the trial continues in it, from its newest checkpoint if it has one, never in a second run."""
+    if not setup.tracking_uri:
+        return None
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=setup.tracking_uri)
+    experiment = client.get_run(setup.parent_run_id).info.experiment_id
+    runs = client.search_runs([experiment], max_results=1, filter_string=(
+        f"tags.`mlflow.parentRunId` = '{setup.parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'"))
+    return runs[0].info.run_id if runs else None
