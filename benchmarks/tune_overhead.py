@@ -27,20 +27,23 @@ BIN = Path(sys.executable).parent
 JOB = str(ROOT / "jobs" / "ci" / "tiny-resnet.yaml")
 
 
-def _ray_head(port: int, env: dict) -> subprocess.Popen:
-    """Our own head (`--block`, its own session): stopped by signalling its process group, so
-    other Ray instances on this machine are left alone (unlike `ray stop`)."""
+def _ray_head(port: int, env: dict, *, temp_dir: str) -> subprocess.Popen:
+    """Our own head (`--block`, its own session and temp dir): stopped by signalling its process
+    group, so other Ray instances on this machine are left alone (unlike `ray stop`). Ready
+    when it says so in its log (`ray status` would need the auth token where Ray uses one)."""
+    log = Path(temp_dir) / "head.log"
     cmd = [str(BIN / "ray"), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+           f"--temp-dir={temp_dir}", f"--ray-client-server-port={free_port()}", f"--dashboard-port={free_port()}",
            "--num-cpus=4", "--num-gpus=0", "--disable-usage-stats", "--block"]
-    head = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    head = subprocess.Popen(cmd, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
                             start_new_session=True)
-    for _ in range(180):
-        probe = subprocess.run([str(BIN / "ray"), "status", "--address", f"127.0.0.1:{port}"], env=env,
-                               capture_output=True, timeout=60)
-        if probe.returncode == 0:
+    for _ in range(360):
+        if "Ray runtime started" in log.read_text(errors="replace"):
             return head
-        time.sleep(1)
-    sys.exit("the Ray head did not start")
+        if head.poll() is not None:
+            break
+        time.sleep(0.5)
+    sys.exit(f"the Ray head did not start:\n{log.read_text(errors='replace')[-2000:]}")
 
 
 def _timed(cmd: list[str], *, cwd: Path, env: dict) -> float:
@@ -62,7 +65,8 @@ def main() -> None:
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     port = free_port()
-    head = _ray_head(port, env)
+    head_dir = tempfile.mkdtemp(prefix="rb-", dir="/tmp")  # short: Ray's unix socket paths
+    head = _ray_head(port, env, temp_dir=head_dir)
     address = f"127.0.0.1:{port}"
     try:
         with tempfile.TemporaryDirectory(prefix="temper-tune-bench-") as tmp:

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "temper-search.json"  # the parent run of the search, beside Tune's own state
 EARLY_TAG = "temper.tune.early_stopped"
-ASHA_STATE = "asha-state.pkl"  # RememberingASHA's rungs and stop decisions, in the search's folder
+ASHA_STATE = "asha-state.pkl"  # RememberingASHA's rungs, in the search's folder
 
 
 @dataclass
@@ -124,18 +124,18 @@ def run_search(request: SearchRequest) -> SearchResult:
             tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_unfinished=True)
         else:
             tuner = _new_tuner(trainable, space=space, base=base, root=root, name=name)
-        grid = tuner.fit()
-        from temper.launch.tune_asha import stopped_trials
-
-        interrupted = _collect(grid, result=result, client=client, base=base,
-                               early_stopped=stopped_trials(folder / ASHA_STATE))
+        try:
+            grid = tuner.fit()
+        except KeyboardInterrupt:  # Ctrl-C (Tune's own handler is off: see _init_ray)
+            status = "KILLED"
+            cut = _kill_running_trials(client, parent)
+            raise KeyboardInterrupt(f"the search was interrupted (Ctrl-C) before trial(s) {cut or 'none'} "
+                                    "finished; run the same command to resume it") from None
+        interrupted = _collect(grid, result=result, client=client, base=base)
         status = "KILLED" if interrupted else "FINISHED"
         _finish(result, client=client, setup=setup, space=space, register=request.register)
         if interrupted:
-            unfinished = ", ".join(f"{t.trial_id} (step {t.step if t.step is not None else 0})"
-                                   for t in result.trials if t.status == "killed")
-            raise KeyboardInterrupt(f"the search was interrupted (Ctrl-C) before trial(s) {unfinished} "
-                                    "finished; run the same command to resume it")
+            raise KeyboardInterrupt("the search was interrupted (Ctrl-C); run the same command to resume it")
     finally:
         client.set_terminated(parent, status=status)
     return result
@@ -149,6 +149,10 @@ def _init_ray(address: str | None, base) -> None:
         use_token_auth_if_available()
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # Tune's state, saved often enough to resume
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    # Ctrl-C raises KeyboardInterrupt out of fit(): Tune's own handler would end the trials it
+    # cuts short as TERMINATED, indistinguishable from ASHA's stops. Its state is saved every
+    # TUNE_GLOBAL_CHECKPOINT_S, so the same command resumes as after a driver crash.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     import ray
 
     if ray.is_initialized():
@@ -252,10 +256,8 @@ def _params(values: dict[str, Any]):
     return [Param(k, v if isinstance(v, str) else json.dumps(v)) for k, v in values.items()]
 
 
-def _collect(grid, *, result: SearchResult, client, base, early_stopped: set[str]) -> bool:
-    """Fill result.trials from Tune's trials and their child runs; True if the search was cut
-    short. A trial Tune ended (TERMINATED) finished if it reported its last step, was stopped
-    early if ASHA stopped it, and was cut short by Ctrl-C otherwise."""
+def _collect(grid, *, result: SearchResult, client, base) -> bool:
+    """Fill result.trials from Tune's trials and their child runs; True if the search was cut short."""
     runs = _child_runs(client, result.parent_run_id)
     interrupted = False
     for trial in grid._experiment_analysis.trials:  # Tune's Trial objects carry the status
@@ -264,12 +266,10 @@ def _collect(grid, *, result: SearchResult, client, base, early_stopped: set[str
         max_steps = int(last.get("max_steps", trial.config["params"].get("train.max_steps", base.train.max_steps)))
         if trial.status == "ERROR":
             status = "failed"
-        elif trial.status == "TERMINATED" and step is not None and step >= max_steps:
-            status = "finished"
-        elif trial.status == "TERMINATED" and trial.trial_id in early_stopped:
-            status = "early-stopped"
-        else:
+        elif trial.status != "TERMINATED":
             status, interrupted = "killed", True
+        else:
+            status = "early-stopped" if step is not None and step < max_steps else "finished"
         value = last.get(result.metric)
         run = runs.get(trial.trial_id)
         row = TrialRow(trial.trial_id, dict(trial.config["params"]), status, step,
@@ -278,6 +278,17 @@ def _collect(grid, *, result: SearchResult, client, base, early_stopped: set[str
         if run is not None:
             _settle_run(client, run, row, metric=result.metric)
     return interrupted
+
+
+def _kill_running_trials(client, parent: str) -> str:
+    """After Ctrl-C: the trials' runs still RUNNING end KILLED (their workers end with this
+    driver); returns their trial ids."""
+    cut = []
+    for trial_id, run in sorted(_child_runs(client, parent).items()):
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, status="KILLED")
+            cut.append(trial_id)
+    return ", ".join(cut)
 
 
 def _child_runs(client, parent: str) -> dict[str, Any]:

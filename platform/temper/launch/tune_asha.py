@@ -4,9 +4,7 @@ Tune saves the search algorithm's and the callbacks' state with the experiment, 
 the scheduler as it was when the search began (tuner.pkl): after `Tuner.restore` plain ASHA has
 no recorded results and stops nothing. This ASHA writes its brackets (the rungs' recorded
 results and which trial is in which bracket) to a file in the search's folder after every
-decision, and reads them back the first time a restored copy is used. It also records which
-trials it stopped (`stopped_trials`): after a Ctrl-C, Tune reports the trials it cut short
-as TERMINATED too, so the stop decisions are what tell early-stopped from interrupted.
+decision, and reads them back the first time a restored copy is used.
 """
 
 from __future__ import annotations
@@ -15,17 +13,9 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+from ray.tune.schedulers import ASHAScheduler
 
-_STATE = ("_brackets", "_trial_info", "_counter", "_num_stopped", "stopped")
-
-
-def stopped_trials(state_file: str | Path) -> set[str]:
-    """The ids of the trials this search's ASHA stopped (empty: no ASHA, or it stopped none)."""
-    path = Path(state_file)
-    if not path.is_file():
-        return set()
-    return set(pickle.loads(path.read_bytes()).get("stopped", ()))  # noqa: S301 - our own file
+_STATE = ("_brackets", "_trial_info", "_counter", "_num_stopped")
 
 
 class RememberingASHA(ASHAScheduler):
@@ -33,7 +23,6 @@ class RememberingASHA(ASHAScheduler):
         super().__init__(**kwargs)
         self.state_file = state_file
         self._loaded = False
-        self.stopped: set[str] = set()
 
     def on_trial_add(self, tune_controller, trial) -> None:
         self._load()
@@ -43,8 +32,6 @@ class RememberingASHA(ASHAScheduler):
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         self._load()
         decision = super().on_trial_result(tune_controller, trial, result)
-        if decision == TrialScheduler.STOP:  # never a trial's natural end: max_t is past the last step
-            self.stopped.add(trial.trial_id)
         self._save()
         return decision
 
