@@ -49,7 +49,6 @@ class PipelineStrategy(Strategy):
         self.chunks: list[StageChunk] = []
         self._pending: dict | None = None  # the step's micro-batches, read by _loss_fn
         self._metric_keys: list[str] | None = None
-        self._eval: dict[tuple, Any] = {}  # eval schedules by micro-batch sizes
 
     def setup(self, model: nn.Module, *, build_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
               pretrained: InitWeights | None = None) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -78,8 +77,7 @@ class PipelineStrategy(Strategy):
         apply_deterministic_init(model, seed=self.seed, weights=pretrained)  # names: the bare model's
         self.model = model
         self.optimizer = build_optimizer(model)
-        self.schedule = self._build_schedule(wrapped, loss=True)
-        self._wrapped = wrapped
+        self.schedule = self._build_schedule(wrapped)
         return self.model, self.optimizer
 
     def _wrap(self, chunk: StageChunk, *, dp_mesh, sharded: bool) -> nn.Module:
@@ -96,14 +94,14 @@ class PipelineStrategy(Strategy):
             replicate(chunk, mesh=dp_mesh)
         return chunk
 
-    def _build_schedule(self, chunks: list[nn.Module], *, loss: bool, n_micro: int | None = None):
+    def _build_schedule(self, chunks: list[nn.Module]):
         from torch.distributed import pipelining as pl
 
         n_stages = self.pp * self.spec.stages_per_rank
         stages = [pl.PipelineStage(c, s, n_stages, self.ctx.device, group=self.pp_group)
                   for c, s in zip(chunks, self.stage_ids, strict=True)]
         kind = self.spec.pipeline_schedule
-        n = n_micro or self.n_micro
+        n = self.n_micro
         if kind == "interleaved_1f1b":
             return pl.ScheduleInterleaved1F1B(stages, n, loss_fn=self._loss_fn)
         cls = pl.ScheduleGPipe if kind == "gpipe" else pl.Schedule1F1B
@@ -128,14 +126,11 @@ class PipelineStrategy(Strategy):
         inputs = torch.cat([c[0] for c in calls])
         return inputs, {"objective": objective, "micro": micro, "calls": calls, "outs": {}}
 
-    def _run(self, schedule, inputs: torch.Tensor, parts: int, *, train: bool) -> None:
+    def _run(self, inputs: torch.Tensor) -> None:
         args = (inputs,) if self.has_first else ()
-        target = torch.arange(parts, device=self.ctx.device) if self.has_last else None
+        target = torch.arange(self.n_micro, device=self.ctx.device) if self.has_last else None
         with _stage_rng(self.ctx.device, self.pp_rank):
-            if train:
-                schedule.step(*args, target=target)
-            else:
-                schedule.eval(*args, target=target)
+            self.schedule.step(*args, target=target)
 
     def forward_backward(self, *, objective: Any, fetch: Callable[[], dict], micro_steps: int,
                          autocast: Callable[[], Any], timer: Any,
@@ -145,7 +140,7 @@ class PipelineStrategy(Strategy):
         self._pending["hook"] = loss_hook
         timer.compute_start()
         with autocast():
-            self._run(self.schedule, inputs, self.n_micro, train=True)
+            self._run(inputs)
         timer.compute_end()
         outs = [self._pending["outs"][i] for i in range(self.n_micro)] if self.has_last else []
         self._pending = None
@@ -172,28 +167,27 @@ class PipelineStrategy(Strategy):
 
     @torch.no_grad()
     def eval_forward(self, objective: Any, batch: dict, *, autocast: Callable[[], Any]) -> Any:
-        """The batch through the pipeline (forward only); the last stage returns the
-        objective's output over the whole batch (losses and metrics weighted by samples)."""
-        from temper.objectives.base import ObjectiveOutput
-
-        rows = next(len(v) for v in batch.values() if isinstance(v, torch.Tensor))
-        parts = min(self.n_micro, rows)
-        sizes = tuple(len(t) for t in torch.tensor_split(torch.empty(rows), parts))
-        if sizes not in self._eval:  # pipelining infers shapes once per stage object
-            self._eval[sizes] = self._build_schedule(self._wrapped, loss=True, n_micro=parts)
-        inputs, self._pending = self._prepare(objective, batch, parts)
+        """The whole batch through the stages in order (forward only, activations sent point
+        to point); the last stage returns the objective's output, the others None."""
+        inputs, head, template = _capture(objective, batch)
+        n_stages = self.pp * self.spec.stages_per_rank
+        x = inputs
         with autocast():
-            self._run(self._eval[sizes], inputs, parts, train=False)
-        outs, self._pending = [self._pending["outs"][i] for i in range(parts)] if self.has_last else [], None
-        if not outs:
-            return None
-        n = sum(o.num_samples for o in outs)
-        mean = lambda vals: sum(v.float() * o.num_samples for v, o in zip(vals, outs, strict=True)) / n  # noqa: E731
-        return ObjectiveOutput(
-            loss=mean([o.loss for o in outs]),
-            metrics={k: mean([o.metrics[k] for o in outs]) for k in outs[0].metrics},
-            num_samples=n, num_tokens=sum(o.num_tokens for o in outs),
-            outputs={k: torch.cat([o.outputs[k] for o in outs]) for k in outs[0].outputs})
+            for s in range(n_stages):
+                owner = s % self.pp
+                if owner != self.pp_rank:
+                    continue
+                if s > 0:
+                    x = _recv(src=self._global((s - 1) % self.pp), device=self.ctx.device)
+                chunk = self.chunks[self.stage_ids.index(s)]
+                chunk.head = head
+                x = chunk(x)
+                if s < n_stages - 1:
+                    _send(x, dst=self._global((s + 1) % self.pp))
+        return objective.loss(_fill(template, x), batch) if self.has_last else None
+
+    def _global(self, pp_rank: int) -> int:
+        return dist.get_global_rank(self.pp_group, pp_rank)
 
     def clip_grad_norm(self, max_norm: float | None) -> torch.Tensor:
         """The norm over every stage's gradients (summed over the pipeline group too)."""
@@ -201,6 +195,25 @@ class PipelineStrategy(Strategy):
 
     def measure_memory(self, micro_step: Callable[[], torch.Tensor]):
         raise NotImplementedError("memory measurement runs the objective outside the schedule")
+
+
+_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64]
+
+
+def _send(x: torch.Tensor, *, dst: int) -> None:
+    """Shape and dtype (one small int64 tensor), then the activation."""
+    head = torch.tensor([_DTYPES.index(x.dtype), x.ndim, *x.shape] + [0] * (6 - x.ndim), dtype=torch.int64)
+    dist.send(head.to(x.device), dst=dst)
+    dist.send(x.contiguous(), dst=dst)
+
+
+def _recv(*, src: int, device: torch.device) -> torch.Tensor:
+    head = torch.empty(8, dtype=torch.int64, device=device)
+    dist.recv(head, src=src)
+    dtype, ndim = _DTYPES[int(head[0])], int(head[1])
+    x = torch.empty(head[2:2 + ndim].tolist(), dtype=dtype, device=device)
+    dist.recv(x, src=src)
+    return x
 
 
 class _Recorder:
