@@ -363,8 +363,6 @@ def evaluate(*, strategy: Strategy, objective: Objective, data, ctx: DistContext
     for batch in data.eval_batches():
         batch = _to_device(batch, ctx.device)
         out = strategy.eval_forward(objective, batch, autocast=autocast)
-        if out is None:  # a pipeline stage before the last: the last stage counts the batch
-            continue
         if report is not None:
             report.update(out, batch)
         n = out.num_samples

@@ -108,8 +108,8 @@ class Strategy(ABC):
         return StepOutput(loss=loss_sum, metrics=metrics, samples=samples, tokens=tokens)
 
     def eval_forward(self, objective: Any, batch: dict, *, autocast: Callable[[], Any]) -> Any:
-        """One evaluation batch through the model: the objective's output, or None on a rank
-        that computes no loss (a pipeline's earlier stages)."""
+        """One evaluation batch through the model: the objective's output (a pipeline's
+        earlier stages return one of zero samples)."""
         with autocast():
             return objective(self.model, batch)
 

@@ -31,6 +31,7 @@ from torch import nn
 
 from temper.dist import DistContext
 from temper.models.init import InitWeights, apply_deterministic_init
+from temper.objectives.base import ObjectiveOutput
 from temper.spec.job import JobSpec
 from temper.strategies.base import StepOutput, Strategy
 from temper.strategies.grad_norm import clip_grad_norm_global
@@ -49,6 +50,7 @@ class PipelineStrategy(Strategy):
         self.chunks: list[StageChunk] = []
         self._pending: dict | None = None  # the step's micro-batches, read by _loss_fn
         self._metric_keys: list[str] | None = None
+        self._eval_names: tuple[list[str], list[str]] | None = None
 
     def setup(self, model: nn.Module, *, build_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
               pretrained: InitWeights | None = None) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -168,7 +170,8 @@ class PipelineStrategy(Strategy):
     @torch.no_grad()
     def eval_forward(self, objective: Any, batch: dict, *, autocast: Callable[[], Any]) -> Any:
         """The whole batch through the stages in order (forward only, activations sent point
-        to point); the last stage returns the objective's output, the others None."""
+        to point); the last stage returns the objective's output, the others one of zero
+        samples with the same names (so the loop's sums and reports line up on every rank)."""
         inputs, head, template = _capture(objective, batch)
         n_stages = self.pp * self.spec.stages_per_rank
         x = inputs
@@ -184,7 +187,22 @@ class PipelineStrategy(Strategy):
                 x = chunk(x)
                 if s < n_stages - 1:
                     _send(x, dst=self._global((s + 1) % self.pp))
-        return objective.loss(_fill(template, x), batch) if self.has_last else None
+        out = objective.loss(_fill(template, x), batch) if self.has_last else None
+        metric_keys, output_keys = self._names(out)
+        if out is not None:
+            return out
+        zero = torch.zeros((), device=self.ctx.device)
+        return ObjectiveOutput(loss=zero, metrics={k: zero for k in metric_keys}, num_samples=0,
+                               outputs={k: torch.empty(0, dtype=torch.long, device=self.ctx.device)
+                                        for k in output_keys})
+
+    def _names(self, out: Any) -> tuple[list[str], list[str]]:
+        """The last stage's metric and output names, sent to the other stages once."""
+        if self._eval_names is None:
+            names = [(sorted(out.metrics), sorted(out.outputs)) if out is not None else None]
+            dist.broadcast_object_list(names, group_src=self.pp - 1, group=self.pp_group)
+            self._eval_names = names[0]
+        return self._eval_names
 
     def _global(self, pp_rank: int) -> int:
         return dist.get_global_rank(self.pp_group, pp_rank)
