@@ -36,7 +36,12 @@ from temper.spec.job import JobSpec
 from temper.strategies.base import StepOutput, Strategy
 from temper.strategies.grad_norm import clip_grad_norm_global
 from temper.strategies.parallelize import apply_model_parallelism
-from temper.strategies.pipeline_split import StageChunk, apply_stage_pruning, split_layers, stage_ranges
+from temper.strategies.pipeline_split import (
+    StageChunk,
+    apply_stage_pruning,
+    split_layers,
+    stage_ranges,
+)
 
 
 class PipelineStrategy(Strategy):
