@@ -45,6 +45,12 @@ class StepOutput:
     tokens: int = 0
 
 
+def _flat_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(flatten_optimizer_state_dict=True)
+
+
 class Strategy(ABC):
     """Owns the wrapped model and the optimizer; the loop owns everything else."""
 
@@ -147,10 +153,13 @@ class Strategy(ABC):
         """This rank's model and optimizer state for torch.distributed.checkpoint:
         {"model": ..., "optim": ...}, keyed by the bare model's parameter names (no DDP
         `module.` prefix), sharded parameters as DTensors (FSDP2, TP), so a checkpoint loads
-        into any world size or strategy. The tensors are the live ones, not copies."""
+        into any world size or strategy. The optimizer's state and param groups are flattened
+        per parameter name (as torchtitan saves them): pipeline stages hold different
+        parameters, and one shared `param_groups` entry would collide across them.
+        The tensors are the live ones, not copies."""
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        model_state, optim_state = get_state_dict(self.model, self.optimizer, options=_flat_options())
         return {"model": model_state, "optim": optim_state}
 
     def load_checkpoint_state(self, state: dict) -> None:
@@ -158,7 +167,7 @@ class Strategy(ABC):
         and optimizer."""
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
-        set_state_dict(self.model, self.optimizer,
+        set_state_dict(self.model, self.optimizer, options=_flat_options(),
                        model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     def unwrap(self) -> nn.Module:
