@@ -138,3 +138,25 @@ def test_resume_pp2_on_one_rank(runs) -> None:
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def four_rank_runs(runs) -> tuple[dict, dict]:
+    """pp=2 x FSDP dp=2 and pp=2 x TP 2 (DDP kind) on 4 ranks, in one spawn."""
+    jobs = [("pp2_fsdp2", _spec(["resources.workers=4", "strategy.kind=fsdp", "strategy.pipeline_parallel=2",
+                                 "strategy.pipeline_microbatches=4", "train.micro_batch_size=4"]), None, [None]),
+            ("pp2_tp2", _spec(["resources.workers=4", "strategy.tensor_parallel=2", "strategy.pipeline_parallel=2",
+                               "strategy.pipeline_microbatches=4"]), None, [None])]
+    return run_ranks(_train, 4, jobs), runs[1]
+
+
+@pytest.mark.parametrize("case", ["pp2_fsdp2", "pp2_tp2"])
+def test_3d_compositions_equal_reference(four_rank_runs, case: str) -> None:
+    four, one = four_rank_runs
+    (ref,) = one["ref"]
+    for rank in four:
+        (got,) = rank[case]
+        assert [s for s, _ in got[2]] == [s for s, _ in ref[2]]
+        for (_, x), (_, y) in zip(ref[2], got[2], strict=True):
+            assert y == pytest.approx(x, rel=REL)
+        assert got[3]["train/grad_norm"] == pytest.approx(ref[3]["train/grad_norm"], rel=1e-4)
