@@ -41,6 +41,10 @@ class Encoder(TransformerCounts, TaskModel):
     """forward(tokens [B, T], head="mlm") -> logits [B, T, vocab_size];
     head="classify" -> [B, num_classes] from the mean (or [CLS]) final state."""
 
+    #: The layer stack, as data (see GPT.pipeline_stack); cls_token rides with the embedding.
+    pipeline_stack = {"embed": ("tok_emb", "pos_emb", "cls_token", "drop"), "blocks": "blocks",
+                      "output": ("ln_f", "heads")}
+
     def __init__(self, spec: EncoderSpec, *, objective=None) -> None:
         super().__init__()
         self.spec = spec
@@ -79,7 +83,11 @@ class Encoder(TransformerCounts, TaskModel):
         return 6 * head_params
 
     def forward(self, tokens: torch.Tensor, head: str = "mlm") -> torch.Tensor:
-        x = self.ln_f(self.features(tokens))
+        return self.output(self.features(tokens), head=head)
+
+    def output(self, x: torch.Tensor, *, head: str = "mlm") -> torch.Tensor:
+        """The final norm, pooling (classify) and `head` on the last block's states."""
+        x = self.ln_f(x)
         if head == "classify":
             pooled = x[:, 0] if self.use_cls else x.mean(dim=1)
             return self.heads["classify"](pooled)
@@ -89,13 +97,17 @@ class Encoder(TransformerCounts, TaskModel):
 
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
         """Hidden states [B, T (+1 with the [CLS] token first), d_model] before the final norm."""
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Embeddings (with the [CLS] token first when pool is cls): the first block's input."""
         check_seq_len(tokens, self.spec.seq_len)
         b = tokens.shape[0]
         x = self.tok_emb(tokens)
         if self.use_cls:
             x = torch.cat([self.cls_token.expand(b, 1, -1).to(x.dtype), x], dim=1)
         pos = torch.arange(x.shape[1], device=tokens.device)
-        x = self.drop(x + self.pos_emb(pos))
-        for block in self.blocks:
-            x = block(x)
-        return x
+        return self.drop(x + self.pos_emb(pos))

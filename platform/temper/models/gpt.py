@@ -153,6 +153,11 @@ class GPT(TransformerCounts, TaskModel):
         "mlp.fc": "colwise", "mlp.proj": "rowwise",
     }
 
+    #: The layer stack, as data (strategies/pipeline.py splits it): the first stage runs
+    #: `embed` (these children), every stage its share of `blocks`, the last `output`.
+    pipeline_stack = {"embed": ("tok_emb", "pos_emb", "drop"), "blocks": "blocks",
+                      "output": ("ln_f", "head", "heads")}
+
     def __init__(self, spec: GPTSpec, *, objective=None) -> None:
         super().__init__()
         self.spec = spec
@@ -187,16 +192,24 @@ class GPT(TransformerCounts, TaskModel):
         return 6 * sum(p.numel() for p in self.heads.parameters())
 
     def forward(self, tokens: torch.Tensor, head: str = "lm") -> torch.Tensor:
-        x = self.ln_f(self.features(tokens))
+        return self.output(self.features(tokens), head=head)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token plus position embeddings [B, T, d_model]: the first block's input."""
+        t = check_seq_len(tokens, self.spec.seq_len)
+        pos = torch.arange(t, device=tokens.device)
+        return self.drop(self.tok_emb(tokens) + self.pos_emb(pos))
+
+    def output(self, x: torch.Tensor, *, head: str = "lm") -> torch.Tensor:
+        """The final norm and `head` on the last block's states."""
+        x = self.ln_f(x)
         if head == "lm":
             return self.head(x)
         return self.heads[head](x[:, -1])
 
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
         """Hidden states [B, T, d_model] after the last block (before the final norm)."""
-        t = check_seq_len(tokens, self.spec.seq_len)
-        pos = torch.arange(t, device=tokens.device)
-        x = self.drop(self.tok_emb(tokens) + self.pos_emb(pos))
+        x = self.embed(tokens)
         for block in self.blocks:
             x = block(x)
         return x

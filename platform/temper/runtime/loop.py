@@ -300,28 +300,12 @@ class _Loop:
         With on_nan=skip a step whose loss or gradient norm is not finite on any rank updates
         nothing (every rank decides alike) and does not enter the window's averages."""
         strategy, ctx, timer, fault = self.strategy, self.ctx, self.probe.timer, self.fault
-        accum = self.accum
-        samples = tokens = 0
-        loss_sum = torch.zeros((), device=ctx.device)
-        step_metrics: dict[str, torch.Tensor] = {}
         timer.step()
-        for micro in range(accum):
-            timer.data_start()
-            batch = _to_device(next(batches), ctx.device)
-            timer.data_end()
-            with strategy.accumulate(sync=micro == accum - 1):
-                timer.compute_start()
-                with self.autocast():
-                    out = self.objective(strategy.model, batch)
-                timer.compute_end()
-                loss = out.loss if fault is None else fault.poison(out.loss, step=step, rank=ctx.rank)
-                strategy.backward(loss / accum)
-            loss_sum += loss.detach().float() / accum
-            for name, value in out.metrics.items():
-                key = f"train/{name}"
-                step_metrics[key] = step_metrics.get(key, 0.0) + value.detach().float() / accum
-            samples += out.num_samples
-            tokens += out.num_tokens
+        out = strategy.forward_backward(
+            objective=self.objective, fetch=lambda: self._fetch(batches), micro_steps=self.accum,
+            autocast=self.autocast, timer=timer,
+            loss_hook=None if fault is None else lambda loss: fault.poison(loss, step=step, rank=ctx.rank))
+        loss_sum, step_metrics, samples, tokens = out.loss, out.metrics, out.samples, out.tokens
         grad_norm = strategy.clip_grad_norm(self.spec.optim.grad_clip).detach().float()
         if self.spec.train.on_nan == "skip" and not _finite_everywhere(ctx, loss_sum, grad_norm):
             self._skip(step)
@@ -337,6 +321,13 @@ class _Loop:
         timer.compute_end()
         window.steps += 1
         return samples, tokens
+
+    def _fetch(self, batches: Iterator) -> dict:
+        """The next micro-batch, on the device (its wait is timed)."""
+        self.probe.timer.data_start()
+        batch = _to_device(next(batches), self.ctx.device)
+        self.probe.timer.data_end()
+        return batch
 
     def _skip(self, step: int) -> None:
         """on_nan=skip: drop this step's gradients; too many in a row is an error."""
@@ -395,8 +386,7 @@ def evaluate(*, strategy: Strategy, objective: Objective, data, ctx: DistContext
     report = objective.eval_report()
     for batch in data.eval_batches():
         batch = _to_device(batch, ctx.device)
-        with autocast():
-            out = objective(model, batch)
+        out = strategy.eval_forward(objective, batch, autocast=autocast)
         if report is not None:
             report.update(out, batch)
         n = out.num_samples

@@ -45,6 +45,7 @@ from temper.spec.strategy import (  # the strategy specs are re-exported from he
     FSDPSpec,  # noqa: F401
     StrategySpec,
     expand_strategy_preset,
+    pipeline_problems,
     strategy_problems,
 )
 
@@ -369,6 +370,9 @@ class JobSpec(BaseSpec):
         problems = strategy_problems(
             strategy=self.strategy, model=self.model, workers=self.resources.workers,
             tp_kinds=TENSOR_PARALLEL_KINDS,
+        ) + pipeline_problems(
+            strategy=self.strategy, model=self.model, objective=self.objective, workers=self.resources.workers,
+            samples_per_step=self.train.micro_batch_size * self.train.grad_accum,
         )
         if problems:
             raise ValueError("; ".join(problems))
@@ -377,5 +381,6 @@ class JobSpec(BaseSpec):
     @property
     def global_batch_size(self) -> int:
         """Samples per optimizer step across all workers."""
-        data_parallel = self.resources.workers // getattr(self.strategy, "tensor_parallel", 1)
+        model_parallel = getattr(self.strategy, "tensor_parallel", 1) * getattr(self.strategy, "pipeline_parallel", 1)
+        data_parallel = self.resources.workers // model_parallel
         return self.train.micro_batch_size * self.train.grad_accum * data_parallel

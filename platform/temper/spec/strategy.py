@@ -53,8 +53,47 @@ def expand_strategy_preset(value: Any) -> Any:
 
 _OFFLOAD_KEYS = ("cpu_offload", "offload_optimizer", "offload_params")
 
+PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 
-class DDPSpec(BaseSpec):
+
+class PipelineKeys(BaseSpec):
+    """Pipeline parallelism (DDP and FSDP): the model's layer stack split into stages across
+    ranks; world = pipeline_parallel x data parallel x tensor_parallel."""
+
+    pipeline_parallel: int = Field(default=1, ge=1, description="Pipeline stages across ranks (1: off).")
+    pipeline_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = Field(
+        default="1f1b", description="gpipe: all forwards then all backwards; 1f1b: one forward, one backward (at most pipeline_parallel micro-batches of activations); interleaved_1f1b: 1f1b over stages_per_rank virtual stages per rank."
+    )
+    pipeline_microbatches: int = Field(
+        default=1, ge=1, description="Micro-batches per optimizer step (>= pipeline_parallel); they split train.micro_batch_size x train.grad_accum samples."
+    )
+    stages_per_rank: int = Field(default=1, ge=1, description="Virtual stages per rank (interleaved_1f1b: >= 2).")
+    pipeline_layers: list[int] | None = Field(
+        default=None, description="Explicit split: transformer blocks per stage, in stage order (sum = model.n_layer); null: balanced, the embedding and the head weighed as one block each."
+    )
+
+    @model_validator(mode="after")
+    def _pipeline_shape(self) -> PipelineKeys:
+        pp, v = self.pipeline_parallel, self.stages_per_rank
+        if pp == 1:
+            return self
+        interleaved = self.pipeline_schedule == "interleaved_1f1b"
+        if interleaved and v < 2:
+            raise ValueError("strategy.stages_per_rank: interleaved_1f1b needs >= 2 virtual stages per rank; "
+                             "set strategy.stages_per_rank=2 or pipeline_schedule=1f1b")
+        if not interleaved and v != 1:
+            raise ValueError(f"strategy.stages_per_rank={v} needs pipeline_schedule=interleaved_1f1b; "
+                             "set strategy.stages_per_rank=1")
+        if self.pipeline_microbatches < pp:
+            raise ValueError(f"strategy.pipeline_microbatches={self.pipeline_microbatches} is below "
+                             f"pipeline_parallel={pp}; set pipeline_microbatches >= {pp}")
+        if self.pipeline_layers is not None and len(self.pipeline_layers) != pp * v:
+            raise ValueError(f"strategy.pipeline_layers has {len(self.pipeline_layers)} stages but the pipeline has "
+                             f"pipeline_parallel x stages_per_rank = {pp * v}; give one block count per stage")
+        return self
+
+
+class DDPSpec(PipelineKeys):
     """PyTorch DistributedDataParallel: replicated model, all-reduced gradients."""
 
     kind: Literal["ddp"] = "ddp"
@@ -81,7 +120,7 @@ class DDPSpec(BaseSpec):
         return data
 
 
-class FSDPSpec(BaseSpec):
+class FSDPSpec(PipelineKeys):
     """PyTorch FSDP2 (`fully_shard` per block and root): params, grads and optimizer state sharded."""
 
     kind: Literal["fsdp"] = "fsdp"
@@ -125,6 +164,13 @@ class DeepSpeedSpec(BaseSpec):
     @model_validator(mode="before")
     @classmethod
     def _no_tensor_parallel(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("pipeline_parallel", 1) != 1:
+            raise ValueError(
+                "pipeline_parallel: DeepSpeed ZeRO does not compose with Temper's pipeline "
+                "(torch.distributed.pipelining); use strategy.kind=fsdp with pipeline_parallel"
+            )
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if k not in PipelineKeys.model_fields}
         if isinstance(data, dict) and data.get("tensor_parallel", 1) != 1:
             raise ValueError(
                 "tensor_parallel: DeepSpeed ZeRO does not compose with DTensor tensor "
@@ -171,4 +217,40 @@ def strategy_problems(*, strategy: Any, model: Any, workers: int, tp_kinds: tupl
             problems.append(
                 f"strategy.tensor_parallel={tp} does not divide {what}; pick a tensor_parallel that divides {ref}"
             )
+    return problems
+
+
+#: Model kinds that declare a layer stack the pipeline splits (models/: `pipeline_stack`).
+PIPELINE_KINDS = ("gpt", "encoder")
+
+
+def pipeline_problems(*, strategy: Any, model: Any, objective: Any, workers: int,
+                      samples_per_step: int) -> list[str]:
+    """Cross-section checks of strategy.pipeline_parallel (one line each); `samples_per_step`
+    is train.micro_batch_size x train.grad_accum, what the micro-batches split."""
+    pp = getattr(strategy, "pipeline_parallel", 1)
+    if pp == 1:
+        return []
+    if model.kind not in PIPELINE_KINDS:
+        return [f"strategy.pipeline_parallel={pp} needs a model with a layer stack; model.kind "
+                f"'{model.kind}' has none (accepted: {', '.join(PIPELINE_KINDS)}): set strategy.pipeline_parallel=1"]
+    problems = []
+    stages = pp * strategy.stages_per_rank
+    if stages > model.n_layer:
+        problems.append(f"strategy.pipeline_parallel x stages_per_rank = {stages} stages is more than "
+                        f"model.n_layer={model.n_layer} layers; use fewer stages or more layers")
+    layers = strategy.pipeline_layers
+    if layers is not None and (sum(layers) != model.n_layer or min(layers) < 1):
+        problems.append(f"strategy.pipeline_layers {layers} must give every stage >= 1 block and sum to "
+                        f"model.n_layer={model.n_layer}")
+    if samples_per_step % strategy.pipeline_microbatches:
+        problems.append(f"strategy.pipeline_microbatches={strategy.pipeline_microbatches} does not divide the "
+                        f"per-rank batch (train.micro_batch_size x grad_accum = {samples_per_step}); pick a divisor")
+    tp = getattr(strategy, "tensor_parallel", 1)
+    if workers % (pp * tp):
+        problems.append(f"strategy.pipeline_parallel x tensor_parallel = {pp * tp} does not divide "
+                        f"resources.workers={workers}; pick sizes whose product divides the workers")
+    if getattr(model, "tie_embeddings", False) or getattr(objective, "kind", "") == "mlm":
+        problems.append("strategy.pipeline_parallel: the embedding and the output head live on different stages, "
+                        "so they cannot share weights; set model.tie_embeddings=false (objective mlm ties always)")
     return problems

@@ -6,10 +6,10 @@ parallel) is a new subclass, never an `if` in the loop. Lifecycle:
     strategy = build_strategy(spec, ctx)
     model, optimizer = strategy.setup(model, build_optimizer=..., pretrained=weights | None)
     for each optimizer step:
-        for each micro-batch:
-            with strategy.accumulate(is_last_micro):   # no grad sync on non-final micro-steps
-                out = objective(strategy.forward_model, batch)
-                strategy.backward(out.loss / grad_accum)
+        step = strategy.forward_backward(objective=..., fetch=next_batch, micro_steps=grad_accum, ...)
+            # default: per micro-batch, with strategy.accumulate(is_last_micro) (no grad sync on
+            # non-final micro-steps): out = objective(strategy.model, batch);
+            # strategy.backward(out.loss / grad_accum). The pipeline runs its schedule instead.
         grad_norm = strategy.clip_grad_norm(max_norm)
         strategy.step()                                  # optimizer.step + zero_grad
 
@@ -23,7 +23,8 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -32,6 +33,22 @@ from temper.dist import DistContext
 from temper.models.init import InitWeights
 from temper.strategies.grad_norm import clip_grad_norm_global
 from temper.strategies.memory import MemoryReport, tensor_bytes
+
+
+@dataclass
+class StepOutput:
+    """One optimizer step's forward-backward, as this rank adds it to the logging window."""
+
+    loss: torch.Tensor  # mean over the micro-batches (detached, fp32)
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # "train/<name>" -> mean
+    samples: int = 0
+    tokens: int = 0
+
+
+def _flat_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 class Strategy(ABC):
@@ -68,6 +85,40 @@ class Strategy(ABC):
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
+    def forward_backward(self, *, objective: Any, fetch: Callable[[], dict], micro_steps: int,
+                         autocast: Callable[[], Any], timer: Any,
+                         loss_hook: Callable[[torch.Tensor], torch.Tensor] | None = None) -> StepOutput:
+        """Forward and backward over one optimizer step's `micro_steps` batches (`fetch()`
+        returns the next one, on the device); gradients accumulate, synchronized once.
+        `timer` brackets the forward (compute_start/compute_end); `loss_hook` may replace a
+        micro-batch's loss before backward (fault injection). Returns the step's mean loss
+        and metrics (as this rank adds them to the logging window)."""
+        loss_sum = torch.zeros((), device=self.ctx.device)
+        metrics: dict[str, torch.Tensor] = {}
+        samples = tokens = 0
+        for micro in range(micro_steps):
+            batch = fetch()
+            with self.accumulate(sync=micro == micro_steps - 1):
+                timer.compute_start()
+                with autocast():
+                    out = objective(self.model, batch)
+                timer.compute_end()
+                loss = out.loss if loss_hook is None else loss_hook(out.loss)
+                self.backward(loss / micro_steps)
+            loss_sum += loss.detach().float() / micro_steps
+            for name, value in out.metrics.items():
+                key = f"train/{name}"
+                metrics[key] = metrics.get(key, 0.0) + value.detach().float() / micro_steps
+            samples += out.num_samples
+            tokens += out.num_tokens
+        return StepOutput(loss=loss_sum, metrics=metrics, samples=samples, tokens=tokens)
+
+    def eval_forward(self, objective: Any, batch: dict, *, autocast: Callable[[], Any]) -> Any:
+        """One evaluation batch through the model: the objective's output (a pipeline's
+        earlier stages return one of zero samples)."""
+        with autocast():
+            return objective(self.model, batch)
+
     def clip_grad_norm(self, max_norm: float | None) -> torch.Tensor:
         """Clip by the global gradient norm (over all shards); return the pre-clip norm."""
         return clip_grad_norm_global(self.model.parameters(), max_norm)
@@ -102,10 +153,13 @@ class Strategy(ABC):
         """This rank's model and optimizer state for torch.distributed.checkpoint:
         {"model": ..., "optim": ...}, keyed by the bare model's parameter names (no DDP
         `module.` prefix), sharded parameters as DTensors (FSDP2, TP), so a checkpoint loads
-        into any world size or strategy. The tensors are the live ones, not copies."""
+        into any world size or strategy. The optimizer's state and param groups are flattened
+        per parameter name (as torchtitan saves them): pipeline stages hold different
+        parameters, and one shared `param_groups` entry would collide across them.
+        The tensors are the live ones, not copies."""
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        model_state, optim_state = get_state_dict(self.model, self.optimizer, options=_flat_options())
         return {"model": model_state, "optim": optim_state}
 
     def load_checkpoint_state(self, state: dict) -> None:
@@ -113,7 +167,7 @@ class Strategy(ABC):
         and optimizer."""
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
-        set_state_dict(self.model, self.optimizer,
+        set_state_dict(self.model, self.optimizer, options=_flat_options(),
                        model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     def unwrap(self) -> nn.Module:

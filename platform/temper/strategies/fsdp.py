@@ -16,6 +16,7 @@ from temper.models.init import InitWeights, materialize
 from temper.spec.job import FSDPSpec, JobSpec
 from temper.strategies.base import Strategy
 from temper.strategies.parallelize import apply_model_parallelism, build_mesh
+from temper.strategies.pipeline_split import stack_blocks
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -58,7 +59,7 @@ class FSDPStrategy(Strategy):
         mp, offload = self._policies()
         shard = dict(mesh=dp_mesh, reshard_after_forward=self.spec.reshard_after_forward,
                      mp_policy=mp, offload_policy=offload)
-        for block in getattr(model, "blocks", []):
+        for block in stack_blocks(model):
             fully_shard(block, **shard)
         fully_shard(model, **shard)
         offload = self.spec.cpu_offload and self.ctx.device.type != "meta"  # meta: temper plan

@@ -15,10 +15,12 @@ from torch.distributed.tensor import DTensor
 
 
 @torch.no_grad()
-def clip_grad_norm_global(params: Iterable[torch.Tensor], max_norm: float | None) -> torch.Tensor:
+def clip_grad_norm_global(params: Iterable[torch.Tensor], max_norm: float | None, *,
+                          stage_group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Scale gradients so their global 2-norm is at most `max_norm` (None: only measure);
     return the pre-clip global norm (fp32, on the gradients' device). Same coefficient as
-    `torch.nn.utils.clip_grad_norm_`: min(1, max_norm / (norm + 1e-6))."""
+    `torch.nn.utils.clip_grad_norm_`: min(1, max_norm / (norm + 1e-6)). `stage_group`: the
+    pipeline's stages, each holding other parameters (their squares are summed over it)."""
     groups: dict[tuple, list[torch.Tensor]] = {}
     meshes: dict[tuple, tuple] = {}
     for p in params:
@@ -36,9 +38,9 @@ def clip_grad_norm_global(params: Iterable[torch.Tensor], max_norm: float | None
         else:
             groups.setdefault((None, ()), []).append(g)
     locals_ = [t for ts in groups.values() for t in ts]
-    if not locals_:
+    if not locals_ and stage_group is None:
         return torch.zeros(())
-    device = locals_[0].device
+    device = locals_[0].device if locals_ else torch.device("cpu")
     total_sq = torch.zeros((), dtype=torch.float32, device=device)
     for key, tensors in groups.items():
         sq = sum(torch.linalg.vector_norm(t, 2, dtype=torch.float32).square() for t in tensors)
@@ -48,6 +50,8 @@ def clip_grad_norm_global(params: Iterable[torch.Tensor], max_norm: float | None
             for d in dims:
                 dist.all_reduce(sq, group=mesh.get_group(d))
         total_sq += sq
+    if stage_group is not None:
+        dist.all_reduce(total_sq, group=stage_group)
     total = total_sq.sqrt()
     if max_norm is not None:
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)

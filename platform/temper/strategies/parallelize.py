@@ -16,6 +16,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from temper.dist import DistContext
+from temper.strategies.pipeline_split import stack_blocks
 
 
 def build_mesh(ctx: DistContext, *, tensor_parallel: int) -> DeviceMesh:
@@ -49,7 +50,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     if plan is None:  # validation rejects this first; a guard for direct callers
         raise TypeError(f"{type(model).__name__} has no tensor-parallel plan")
     styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
-    for block in model.blocks:
+    for block in stack_blocks(model):
         parallelize_module(block, tp_mesh, {name: styles[style]() for name, style in plan.items()})
 
 
@@ -81,11 +82,11 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
     kwargs = {}
     if mode == "selective":
         kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _selective_policy)
-    for block in model.blocks:
+    for block in stack_blocks(model):
         checkpoint(block, **kwargs)
 
 
 def apply_compile(model: nn.Module) -> None:
     """torch.compile each block in place (names unchanged; repeated blocks reuse one graph)."""
-    for block in model.blocks:
+    for block in stack_blocks(model):
         block.compile()
