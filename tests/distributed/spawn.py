@@ -30,3 +30,20 @@ def run_ranks(fn: Callable, world_size: int, *args: Any) -> list[Any]:
         mp.start_processes(_rank_main, args=(world_size, free_port(), out, fn, args),
                            nprocs=world_size, join=True, start_method="spawn")
         return [pickle.loads(Path(out, f"rank{r}.pkl").read_bytes()) for r in range(world_size)]
+
+
+class StopAt:
+    """A Reporter whose driver 'presses Ctrl-C' once step `at` has been logged."""
+
+    def __init__(self, at: int | None) -> None:
+        self.at, self.step = at, 0
+
+    def progress(self, event: dict) -> None:
+        self.step = event.get("step", self.step)
+
+    def should_stop(self) -> bool:
+        # Asked at each logging step (every 2) before that step's progress event arrives.
+        return self.at is not None and self.step + 2 >= self.at
+
+    def close(self) -> None:
+        pass

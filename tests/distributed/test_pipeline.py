@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.distributed.spawn import run_ranks
+from tests.distributed.spawn import StopAt, run_ranks
 
 pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,22 +33,6 @@ def _spec(extra: list[str]) -> str:
     return spec_to_json(load_spec(str(ROOT / "jobs" / "ci" / "tiny-gpt.yaml"), BASE + extra))
 
 
-class _StopAt:
-    """A Reporter whose driver 'presses Ctrl-C' at the logging step before `at`."""
-
-    def __init__(self, at: int | None) -> None:
-        self.at, self.step = at, 0
-
-    def progress(self, event: dict) -> None:
-        self.step = event.get("step", self.step)
-
-    def should_stop(self) -> bool:
-        return self.at is not None and self.step + 2 >= self.at
-
-    def close(self) -> None:
-        pass
-
-
 def _train(jobs: list[tuple[str, str, str | None, list[int | None]]]) -> dict:
     """On each rank: train every (name, spec, checkpoint folder, stops) in segments."""
     from temper.dist import build_dist_context
@@ -63,7 +47,7 @@ def _train(jobs: list[tuple[str, str, str | None, list[int | None]]]) -> dict:
             segments = []
             for stop in stops:
                 r = train(spec_from_json(spec_json), ctx, run_info=RunInfo(checkpoint_dir=folder),
-                          reporter=_StopAt(stop))
+                          reporter=StopAt(stop))
                 segments.append((r.resumed_from, r.steps, r.loss_history, r.metrics))
             out[name] = segments
     finally:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.distributed.spawn import run_ranks
+from tests.distributed.spawn import StopAt, run_ranks
 
 pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,23 +27,6 @@ def _spec_json(extra: list[str]) -> str:
     base = ["tracking.enabled=false", f"train.max_steps={MAX_STEPS}", "train.log_every=2",
             "train.eval_every=0", "checkpoint.every_steps=0", "model.dropout=0.1"]
     return spec_to_json(load_spec(str(ROOT / "jobs" / "ci" / "tiny-gpt.yaml"), base + extra))
-
-
-class _StopAt:
-    """A Reporter whose driver 'presses Ctrl-C' once step `at` has been logged."""
-
-    def __init__(self, at: int | None) -> None:
-        self.at, self.step = at, 0
-
-    def progress(self, event: dict) -> None:
-        self.step = event.get("step", self.step)
-
-    def should_stop(self) -> bool:
-        # Asked at each logging step (every 2) before that step's progress event arrives.
-        return self.at is not None and self.step + 2 >= self.at
-
-    def close(self) -> None:
-        pass
 
 
 def _train_segments(jobs: list[tuple[str, str, str, list[int | None]]]) -> dict:
@@ -59,7 +42,7 @@ def _train_segments(jobs: list[tuple[str, str, str, list[int | None]]]) -> dict:
         segments = []
         for stop in stops:
             result = train(spec_from_json(spec_json), ctx, run_info=RunInfo(checkpoint_dir=folder),
-                           reporter=_StopAt(stop))
+                           reporter=StopAt(stop))
             segments.append((result.resumed_from, result.steps, result.loss_history))
         out[name] = segments
     ctx.close()
