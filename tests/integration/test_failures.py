@@ -10,6 +10,7 @@ Kept lean: 3-step tiny jobs, torchrun with 2 ranks or in-process; three kinds al
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -97,7 +98,8 @@ def test_nan_under_on_nan_stop(launcher, tmp_path, mlflow_server, client, reques
     proc = temper("run", TINY_GPT, "--launcher", launcher, *extra, *SHORT, "--set", f"resources.workers={workers}",
                   "--set", f"tracking.uri={mlflow_server.uri}", cwd=tmp_path, env={"TEMPER_FAULT": "nan:2:*"})
     line = check_failure(proc, cause="train/loss is nan at step 2", code=1, client=client, ranks=workers)
-    assert line.startswith("rank 0: FloatingPointError: ")
+    # every rank sees the same reduced loss and stops; whichever Ray reports first is named
+    assert re.match(rf"rank [0-{workers - 1}]: FloatingPointError: ", line), line
 
 
 def test_hung_collective_names_the_rank_and_dumps_stacks(tmp_path, mlflow_server, client) -> None:
