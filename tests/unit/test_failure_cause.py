@@ -104,3 +104,36 @@ def test_the_oom_fault_is_a_real_allocation_failure() -> None:
     fault.before_step(step=3, rank=1)
     with pytest.raises(RuntimeError, match="(?i)alloc|memory"):
         fault.before_step(step=3, rank=0)
+
+
+def test_hold_waits_before_the_step_until_the_file_allows_it(tmp_path) -> None:
+    import threading
+    import time
+
+    from temper.runtime.faults import Hold
+
+    path = tmp_path / "hold"
+    path.write_text("4")
+    hold = Hold(path)
+    hold.before_step(step=4, rank=0, world_size=2)  # 4 <= 4: no wait, no marker
+    assert not list(tmp_path.glob("hold.waiting-*"))
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (hold.before_step(step=5, rank=1, world_size=2), done.set()))
+    worker.start()
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "hold.waiting-step5-ws2-rank1").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (tmp_path / "hold.waiting-step5-ws2-rank1").exists() and not done.is_set()
+    path.write_text("5")
+    worker.join(timeout=10)
+    assert done.is_set()
+
+
+def test_sample_trace_writes_one_line_per_key(tmp_path) -> None:
+    from temper.runtime.faults import SampleTrace
+
+    trace = SampleTrace(tmp_path / "t")
+    trace.record({"__key__": ["a/1", "a/2"]}, step=7, rank=1, world_size=2)
+    trace.record({"__key__": ["a/3"]}, step=8, rank=1, world_size=2)
+    trace.record({"tokens": torch.zeros(2)}, step=9, rank=1, world_size=2)  # no keys: nothing
+    assert (tmp_path / "t" / "ws2-from000007-rank1.tsv").read_text() == "7\ta/1\n7\ta/2\n8\ta/3\n"

@@ -7,6 +7,7 @@ drawn where the user's terminal is, whichever node the workers run on.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -28,10 +29,23 @@ FORWARDED_ENV = (
     "TEMPER_LOG_LEVEL", "TEMPER_PEAK_TFLOPS", "MLFLOW_TRACKING_USERNAME",
     "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_INSECURE_TLS",
     "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3",
-    "TEMPER_FAULT", "TEMPER_FAULT_ONCE",  # fault injection (temper.runtime.faults)
+    "TEMPER_FAULT", "TEMPER_FAULT_ONCE", "TEMPER_TRACE_SAMPLES", "TEMPER_HOLD",  # rehearsals (runtime.faults)
     "TEMPER_SPOOL_DIR",  # where undelivered metrics wait (temper.tracking.spool)
     "TEMPER_VERBOSE",  # `temper run --verbose`
+    # Ray Train's controller waits this long (60 s) for a worker group of the size it chose; an
+    # elastic job that lost a node tries the old size first, so this is how long it takes to shrink
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S",
 )
+
+
+def _job_env() -> dict[str, str]:
+    """Inside a Ray job (`temper submit`), the job's own env_vars: they reach every worker
+    already, and ray.init refuses a runtime env that names one of them again."""
+    try:
+        config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+        return dict((config.get("runtime_env") or {}).get("env_vars") or {})
+    except (ValueError, AttributeError, TypeError):
+        return {}
 
 
 def append_shipped_log(path: str, *, start: int, data: bytes) -> None:
@@ -136,7 +150,7 @@ class RayLauncher(Launcher):
 
         if ray.is_initialized():
             return
-        env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+        env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ and k not in _job_env()}
         if job.spec.resources.gpus_per_worker > 0:  # before Ray Train creates the NCCL group
             from temper.runtime.failure import flight_recorder_env
 

@@ -14,6 +14,16 @@ created when the fault fires), so a restarted worker group runs clean: one failu
 
 Used by the tests and by anyone who wants to rehearse a failure on a real cluster; unset,
 it costs one dictionary lookup per step.
+
+`TEMPER_TRACE_SAMPLES=DIR` makes every rank write the keys of the samples it trains on,
+one `STEP<TAB>KEY` line each, to `DIR/ws{W}-from{S}-rank{R}.tsv` (W the world size, S the
+first step this worker group trained): what a rehearsal of a resize or a preemption checks
+against the epoch's samples (webdataset data: its `__key__`s).
+
+`TEMPER_HOLD=PATH` pauses training at a chosen step: while PATH holds a step number below
+the next step, every rank waits before that step (outside any collective), after writing
+`PATH.waiting-step{S}-ws{W}-rank{R}`; write a higher number (or remove PATH) to go on. A
+rehearsal moves training from phase to phase with it (train to step 6, lose a node, ...).
 """
 
 from __future__ import annotations
@@ -108,6 +118,51 @@ def parse_fault(text: str | None, *, once: str | None = None) -> Fault | None:
     except ValueError:
         raise TemperError(f"TEMPER_FAULT={text!r}: steps and rank must be integers (rank may be *)") from None
     return Fault(kind=kind, first=lo, last=hi, rank=who, once_file=Path(once) if once else None)
+
+
+class SampleTrace:
+    """TEMPER_TRACE_SAMPLES: the keys of the samples each step trains on, per rank."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.file = folder, None
+
+    def record(self, batch: dict, *, step: int, rank: int, world_size: int) -> None:
+        if self.file is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.folder / f"ws{world_size}-from{step:06d}-rank{rank}.tsv", "a", buffering=1)
+        self.file.writelines(f"{step}\t{key}\n" for key in batch.get("__key__", ()))
+
+
+class Hold:
+    """TEMPER_HOLD: wait before a step while the file's number is below it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def before_step(self, *, step: int, rank: int, world_size: int) -> None:
+        marked = False
+        while (limit := self._limit()) is not None and limit < step:
+            if not marked:
+                log.warning("TEMPER_HOLD: waiting before step %d (%s says %d)", step, self.path, limit)
+                Path(f"{self.path}.waiting-step{step}-ws{world_size}-rank{rank}").touch()
+                marked = True
+            time.sleep(0.1)
+
+    def _limit(self) -> int | None:
+        try:
+            return int(self.path.read_text().strip() or 0)
+        except (OSError, ValueError):
+            return None
+
+
+def hold_from_env() -> Hold | None:
+    path = os.environ.get("TEMPER_HOLD")
+    return Hold(Path(path)) if path else None
+
+
+def trace_from_env() -> SampleTrace | None:
+    folder = os.environ.get("TEMPER_TRACE_SAMPLES")
+    return SampleTrace(Path(folder)) if folder else None
 
 
 def fault_from_env() -> Fault | None:

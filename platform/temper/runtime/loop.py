@@ -33,9 +33,9 @@ from temper.models import build_model
 from temper.objectives import build_objective
 from temper.objectives.base import Objective
 from temper.run_info import InitFromLocation, RunInfo
+from temper.runtime import faults
 from temper.runtime.elastic import grad_accum_for, tag_resize
 from temper.runtime.failure import StepWatch
-from temper.runtime.faults import Fault, fault_from_env
 from temper.runtime.optim import build_optimizer, build_scheduler
 from temper.runtime.perf import PerfMeter, peak_flops
 from temper.runtime.preempt import Preemption, preempt_save
@@ -216,7 +216,9 @@ class _Loop:
     accum: int  # micro-steps per optimizer step (elastic: keeps the global batch at this size)
     preempt: Preemption  # SIGTERM -> save at the next step boundary (runtime/preempt.py)
     skips: _Skips = field(default_factory=_Skips)
-    fault: Fault | None = field(default_factory=fault_from_env)
+    fault: faults.Fault | None = field(default_factory=faults.fault_from_env)
+    trace: faults.SampleTrace | None = field(default_factory=faults.trace_from_env)  # TEMPER_TRACE_SAMPLES
+    hold: faults.Hold | None = field(default_factory=faults.hold_from_env)  # TEMPER_HOLD
 
     def __post_init__(self) -> None:
         self.window = _Window.empty(self.ctx.device)
@@ -230,6 +232,8 @@ class _Loop:
         self.strategy.model.train()
         self.profiler.step(result.steps)
         for step in range(result.steps + 1, t.max_steps + 1):
+            if self.hold is not None:
+                self.hold.before_step(step=step, rank=self.ctx.rank, world_size=self.ctx.world_size)
             self.watch.step(step)
             if self.fault is not None:
                 self.fault.before_step(step=step, rank=self.ctx.rank)
@@ -302,7 +306,7 @@ class _Loop:
         strategy, ctx, timer, fault = self.strategy, self.ctx, self.probe.timer, self.fault
         timer.step()
         out = strategy.forward_backward(
-            objective=self.objective, fetch=lambda: self._fetch(batches), micro_steps=self.accum,
+            objective=self.objective, fetch=lambda: self._fetch(batches, step=step), micro_steps=self.accum,
             autocast=self.autocast, timer=timer,
             loss_hook=None if fault is None else lambda loss: fault.poison(loss, step=step, rank=ctx.rank))
         loss_sum, step_metrics, samples, tokens = out.loss, out.metrics, out.samples, out.tokens
@@ -322,10 +326,13 @@ class _Loop:
         window.steps += 1
         return samples, tokens
 
-    def _fetch(self, batches: Iterator) -> dict:
+    def _fetch(self, batches: Iterator, *, step: int) -> dict:
         """The next micro-batch, on the device (its wait is timed)."""
         self.probe.timer.data_start()
-        batch = _to_device(next(batches), self.ctx.device)
+        batch = next(batches)
+        if self.trace is not None:
+            self.trace.record(batch, step=step, rank=self.ctx.rank, world_size=self.ctx.world_size)
+        batch = _to_device(batch, self.ctx.device)
         self.probe.timer.data_end()
         return batch
 

@@ -48,7 +48,8 @@ EXCLUDED = (".venv", "venv", ".git", "mlruns", "mlartifacts", "temper-runs", ".t
 MAX_FILE_BYTES = 50 * 1024 * 1024
 #: Environment forwarded to the job (driver and workers) when set here.
 FORWARDED_NAMES = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-                   "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_INSECURE_TLS")
+                   "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_INSECURE_TLS",
+                   "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S")  # elastic: how long a lost size is waited for
 FORWARDED_PREFIXES = ("AWS_", "TEMPER_")
 #: Seconds Ray waits after SIGTERM before SIGKILL on `temper stop` (Ray's default is 3): the
 #: driver marks the MLflow run KILLED and stops the workers in that time.
