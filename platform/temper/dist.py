@@ -11,6 +11,7 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -58,12 +59,13 @@ class DistContext:
         dist.all_gather(out, t)
         return [float(x.item()) for x in out]
 
-    def all_gather_rows(self, values: torch.Tensor) -> torch.Tensor:
-        """Every rank's 1-D tensor stacked in rank order: shape (world_size, n)."""
+    def all_gather_rows(self, values: torch.Tensor, *, group: Any = None) -> torch.Tensor:
+        """Every rank's 1-D tensor stacked in rank order: shape (world_size, n) (`group`: another
+        process group over the same ranks, e.g. a CPU one for CPU tensors)."""
         if not (self.distributed and self.world_size > 1):
             return values.unsqueeze(0)
         out = [torch.empty_like(values) for _ in range(self.world_size)]
-        dist.all_gather(out, values.contiguous())
+        dist.all_gather(out, values.contiguous(), group=group)
         return torch.stack(out)
 
     def all_gather_objects(self, value: object) -> list[object]:

@@ -3,7 +3,8 @@
     Preemption(spec, ctx, reporter)   installs the SIGTERM hook (reporter.on_sigterm) and, on
                                       rank 0, polls the driver's notice (reporter.preempt_requested)
     agreed()      every step, one tiny all-gather: did any rank get a SIGTERM (or the driver
-                  a notice)? every rank gets the same answer at the same step
+                  a notice)? every rank gets the same answer at the same step. On GPUs it runs
+                  on a CPU (gloo) group of the same ranks: no device synchronization per step
     save(...)     at that step: save and commit within fault.preemption_grace_s; when the time
                   left is shorter than the last save took, say so and keep the previous
                   checkpoint (the next run resumes from it)
@@ -39,12 +40,17 @@ class Preemption:
     source: str = ""
     _uninstall: Any = None
     _stop: threading.Event = field(default_factory=threading.Event)
+    _group: Any = None  # the CPU process group of the per-step flag (accelerators only)
 
     @classmethod
     def build(cls, *, grace_s: float, ctx: DistContext, reporter: Any) -> Preemption:
         self = cls(grace_s=grace_s, ctx=ctx)
         if grace_s <= 0:
             return self
+        if ctx.device.type != "cpu" and ctx.distributed and ctx.world_size > 1:
+            import torch.distributed as dist
+
+            self._group = dist.new_group(backend="gloo")  # every rank, here, in the same order
         install = getattr(reporter, "on_sigterm", None)  # a duck-typed test reporter may lack both
         if install is not None:
             self._uninstall = install(lambda: self.notice("SIGTERM"))
@@ -72,9 +78,11 @@ class Preemption:
         if not self.enabled:
             return None
         elapsed = time.monotonic() - self.noticed_at if self.noticed_at is not None else 0.0
+        # On CPU: a flag on an accelerator would need its .item() (a device sync) every step
+        on = "cpu" if self._group is not None else self.ctx.device
         row = torch.tensor([float(self.noticed_at is not None), elapsed, last_save_s], dtype=torch.float64,
-                           device=self.ctx.device)
-        rows = self.ctx.all_gather_rows(row)
+                           device=on)
+        rows = self.ctx.all_gather_rows(row, group=self._group)
         if rows[:, 0].max().item() == 0:
             return None
         sources = [self.source] if self.source else []
