@@ -1,6 +1,6 @@
 """Every rank's peak resident memory at each phase of a large GPT's life, on 2 CPU ranks.
 
-    python benchmarks/memory_at_scale.py              # ~750M parameters (about 12 GB of RAM)
+    python benchmarks/memory_at_scale.py              # 729M parameters (peak ~7 GiB per rank, 2 ranks)
     python benchmarks/memory_at_scale.py --size ci    # ~59M, what the CI test runs
 
 Strategies: FSDP, FSDP + CPU offload, DeepSpeed ZeRO-3, fp32 AdamW, short sequences. Phases
