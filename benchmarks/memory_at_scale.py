@@ -1,6 +1,6 @@
 """Every rank's peak resident memory at each phase of a large GPT's life, on 2 CPU ranks.
 
-    python benchmarks/memory_at_scale.py              # ~750M parameters (about 12 GB of RAM)
+    python benchmarks/memory_at_scale.py              # 729M parameters (peak ~7 GiB per rank, 2 ranks)
     python benchmarks/memory_at_scale.py --size ci    # ~59M, what the CI test runs
 
 Strategies: FSDP, FSDP + CPU offload, DeepSpeed ZeRO-3, fp32 AdamW, short sequences. Phases
@@ -35,18 +35,21 @@ def specs(size: str, names: list[str]) -> dict[str, str]:
     from temper.spec import load_spec, spec_to_json
 
     return {n: spec_to_json(load_spec("jobs/ci/tiny-gpt.yaml", [*COMMON, *SIZES[size], *STRATEGIES[n][0]]))
-            for n in names}
+            for n in STRATEGIES if n in names}  # FSDP first: its checkpoint is init_from's source
 
 
 def run_all(texts: dict[str, str], root: str) -> dict:
-    """On each rank: every strategy's phases; the first (FSDP) writes the init_from source."""
+    """On each rank: every strategy's phases; FSDP's checkpoint is every init_from's source."""
     from temper.dist import build_dist_context
-    from temper.runtime.phase_memory import measure_phases
-    from temper.spec import spec_from_json
+    from temper.runtime.phase_memory import measure_phases, write_source
+    from temper.spec import FSDPSpec, spec_from_json
 
     ctx = build_dist_context(device="cpu")
     source = str(Path(root, "fsdp"))
     try:
+        if "fsdp" not in texts:  # no FSDP run writes the init_from source: an untrained one
+            first = spec_from_json(next(iter(texts.values())))
+            write_source(first.model_copy(update={"strategy": FSDPSpec()}), ctx, folder=source)
         return {name: measure_phases(spec_from_json(text), ctx, folder=str(Path(root, name)), init_from=source)
                 for name, text in texts.items()}
     finally:
@@ -88,7 +91,10 @@ def main() -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="750m")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     args = parser.parse_args()
-    texts = specs(args.size, args.strategies.split(","))
+    names = args.strategies.split(",")
+    if unknown := set(names) - set(STRATEGIES):
+        parser.error(f"--strategies: unknown {sorted(unknown)}; choose from {list(STRATEGIES)}")
+    texts = specs(args.size, names)
     with tempfile.TemporaryDirectory() as root:
         results = run_ranks(run_all, 2, texts, root)
     print("peak resident memory above the process baseline, GiB (ratio to theory)")

@@ -16,9 +16,12 @@ from tests.distributed.spawn import run_ranks
 
 pytestmark = [pytest.mark.distributed]
 
-# phase -> the most a rank may hold above its baseline, as a multiple of the theory.
-# Measured here (2 runs): FSDP <= 0.44 / 2.98 / 0.96 / 1.52 / 0.58, ZeRO-3 <= 1.51 / 3.26 / 1.62 / 2.86 / 3.36.
-BOUND = {"init": 2.0, "steps": 3.6, "save": 2.0, "resume": 3.3, "init_from": 3.8}
+# strategy -> phase -> the most a rank may hold above its baseline, as a multiple of the theory.
+# Measured here (fused AdamW, 2 runs, either rank): FSDP <= 0.40 / 2.84 / 0.94 / 1.30 / 0.55,
+# ZeRO-3 <= 1.51 / 3.19 / 1.62 / 2.85 / 3.39; the steps phase's peak is in backward (the tied
+# embedding, unsharded in the root unit, and glibc's heap; docs/parallelism.md).
+BOUND = {"fsdp": {"init": 0.6, "steps": 3.2, "save": 1.15, "resume": 1.6, "init_from": 0.75},
+         "zero3": {"init": 1.8, "steps": 3.6, "save": 1.9, "resume": 3.2, "init_from": 3.8}}
 
 
 @pytest.mark.parametrize("strategy", [
@@ -33,7 +36,7 @@ def test_peak_memory_per_phase_is_bounded(tmp_path, strategy) -> None:
         assert 50e6 <= params <= 100e6
         for rank in results:
             peaks = rank[name]
-            for phase, factor in BOUND.items():
+            for phase, factor in BOUND[name].items():
                 assert peaks[phase] <= factor * bound, (name, phase, peaks[phase] / bound)
         if name == "fsdp":  # init never held the whole fp32 model (4 bytes x params)
             assert all(r[name]["init"] < 4 * params for r in results)

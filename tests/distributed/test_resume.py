@@ -61,6 +61,13 @@ def _weights(folder: str, tmp: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "model.safetensors"))
 
 
+# The 2 -> 1 comparison's largest difference is attn.k.bias, whose true gradient is zero
+# (a key bias shifts every score of a query equally: softmax ignores it), so its value is
+# reduction-order noise scaled up by AdamW. Measured at 1e-5's tolerance: foreach 8.3e-6,
+# fused 1.07e-5 (the same noise, other ulps). The 1e-5 was stated for foreach: it stays so.
+_TWO_TO_ONE = ["optim.implementation=foreach"]
+
+
 @pytest.fixture(scope="module")
 def two_rank_runs(tmp_path_factory) -> tuple[dict, Path]:
     tmp = tmp_path_factory.mktemp("resume")
@@ -71,7 +78,7 @@ def two_rank_runs(tmp_path_factory) -> tuple[dict, Path]:
         # Interrupted twice: at step 4 and at step 8, then on to the end.
         jobs.append((f"{strategy}-twice", spec, str(tmp / f"{strategy}-twice"), [4, 8, None]))
     # Dropout masks depend on how samples are spread over ranks: off for the 2 -> 1 case.
-    no_dropout = _spec_json(["model.dropout=0.0"])
+    no_dropout = _spec_json(["model.dropout=0.0", *_TWO_TO_ONE])
     jobs.append(("nodrop-straight", no_dropout, str(tmp / "nodrop-straight"), [None]))
     jobs.append(("ddp-then-1", no_dropout, str(tmp / "ddp-then-1"), [6]))
     return run_ranks(_train_segments, 2, jobs)[0], tmp
@@ -96,7 +103,7 @@ def test_resume_two_ranks_on_one(two_rank_runs, tmp_path) -> None:
     """2 ranks x 8 to step 6, then 1 rank x 16 (the same global batch) to the end: equal to
     the uninterrupted 2-rank run up to float32 reduction order (stated: atol 1e-5)."""
     runs, tmp = two_rank_runs
-    spec = _spec_json(["resources.workers=1", "train.micro_batch_size=16", "model.dropout=0.0"])
+    spec = _spec_json(["resources.workers=1", "train.micro_batch_size=16", "model.dropout=0.0", *_TWO_TO_ONE])
     folder = str(tmp / "ddp-then-1")
     (resumed,) = run_ranks(_train_segments, 1, [("one", spec, folder, [None])])[0]["one"]
     assert resumed[:2] == (6, 12)

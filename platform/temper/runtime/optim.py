@@ -24,12 +24,18 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, spec: OptimSpec) -> torch.optim.Optimizer:
+    """AdamW or SGD with `spec.implementation`'s kernel: fused, foreach or for_loop.
+
+    fused updates each tensor in one pass and allocates nothing beyond the optimizer state;
+    foreach's batched ops hold about one more copy of the (local) parameters during the step.
+    """
     groups = _param_groups(model, spec.weight_decay)
+    kernel = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}
     if spec.kind == "adamw":
-        return torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas, eps=spec.eps, foreach=True)
-    return torch.optim.SGD(
-        groups, lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov, foreach=True
-    )
+        return torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas, eps=spec.eps,
+                                 **kernel[spec.implementation])
+    return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov,
+                           **kernel[spec.implementation])
 
 
 def lr_factor(step: int, *, spec: ScheduleSpec, max_steps: int) -> float:

@@ -89,6 +89,14 @@ def _load(strategy, folder: str) -> None:
         dcp_load(strategy, store=open_store(folder), path=open_store(folder).root)
 
 
+def write_source(spec: JobSpec, ctx: DistContext, *, folder: str) -> None:
+    """A fresh model's DCP checkpoint in `folder`, built under `spec` (an FSDP spec): the
+    init_from source when no FSDP run of the same model wrote one."""
+    strategy = _build(spec, ctx)
+    _save(strategy, folder)
+    strategy.close()
+
+
 def dcp_weights(folder: str) -> PretrainedWeights:
     """init_from's view of a bare DCP folder (what `_save` writes for FSDP)."""
     src = DcpTensors(open_store(folder))

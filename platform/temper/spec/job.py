@@ -139,6 +139,10 @@ class OptimSpec(BaseSpec):
     eps: float = Field(default=1e-8, gt=0, description="AdamW only.")
     momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD only.")
     nesterov: bool = Field(default=False, description="SGD only.")
+    implementation: Literal["fused", "foreach", "for_loop"] = Field(
+        default="fused", description="torch's update kernel: fused (one pass per tensor, no temporaries; "
+        "CPU and CUDA), foreach (batched ops, about one extra copy of the parameters during the step) "
+        "or for_loop (per tensor). The same update up to float rounding.")
     grad_clip: float | None = Field(
         default=1.0, gt=0, description="Clip the global gradient norm to this; null: off."
     )
