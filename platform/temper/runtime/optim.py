@@ -31,11 +31,14 @@ def build_optimizer(model: nn.Module, spec: OptimSpec) -> torch.optim.Optimizer:
     """
     groups = _param_groups(model, spec.weight_decay)
     kernel = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}
+    implementation = spec.implementation
+    if implementation == "fused" and any(p.device.type == "meta" for p in model.parameters()):
+        implementation = "foreach"  # no fused kernel for meta tensors (temper plan): same state
     if spec.kind == "adamw":
         return torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas, eps=spec.eps,
-                                 **kernel[spec.implementation])
+                                 **kernel[implementation])
     return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov,
-                           **kernel[spec.implementation])
+                           **kernel[implementation])
 
 
 def lr_factor(step: int, *, spec: ScheduleSpec, max_steps: int) -> float:
