@@ -8,6 +8,7 @@ the pipeline changes only the order of float32 reductions (micro-batch gradient 
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parents[2]
 REL = 1e-5  # loss, every step, relative to the 1-process reference
 STEPS = 20
+INIT_STEPS = 2  # the init_from job
 BASE = ["tracking.enabled=false", f"train.max_steps={STEPS}", "train.log_every=2", "train.eval_every=10",
         "data.eval_samples=16", "optim.grad_clip=0.5", "model.n_layer=4", "model.tie_embeddings=false",
         "checkpoint.every_steps=0"]
@@ -55,13 +57,14 @@ def _train(jobs: list[tuple[str, str, str | None, list[int | None]]]) -> dict:
     return out
 
 
-def _weights(folder: str, tmp: Path) -> dict[str, torch.Tensor]:
+def _weights(folder: str, tmp: Path, *, step: int = STEPS) -> dict[str, torch.Tensor]:
+    """`temper export` of the run's final checkpoint (model.safetensors)."""
     from safetensors.torch import load_file
 
     from temper.checkpoint import export_checkpoint, find_latest
 
     ckpt = find_latest(folder)
-    assert ckpt is not None and ckpt.manifest.step == STEPS
+    assert ckpt is not None and ckpt.manifest.step == step
     out = tmp / f"export-{Path(folder).name}"
     export_checkpoint(ckpt.path, str(out))
     return load_file(str(out / "model.safetensors"))
@@ -76,6 +79,7 @@ def runs(tmp_path_factory) -> tuple[dict, dict, Path]:
              ("twice", _spec(PP + ckpt), str(tmp / "twice"), [10, None]),
              ("then-1", _spec(PP + ckpt), str(tmp / "then-1"), [10])]
     two = run_ranks(_train, 2, jobs)
+    shutil.copytree(tmp / "then-1", tmp / "then-4")  # the step-10 checkpoint, resumed on 4 ranks too
     one = run_ranks(_train, 1, [("ref", _spec(["resources.workers=1"]), None, [None]),
                                 ("then-1", _spec(["resources.workers=1", *ckpt]), str(tmp / "then-1"), [None])])[0]
     return two, one, tmp
@@ -125,18 +129,26 @@ def test_resume_pp2_on_one_rank(runs) -> None:
 
 
 @pytest.fixture(scope="module")
-def four_rank_runs(runs) -> tuple[dict, dict]:
-    """pp=2 x FSDP dp=2 and pp=2 x TP 2 (DDP kind) on 4 ranks, in one spawn."""
+def four_rank_runs(runs) -> tuple[dict, dict, Path]:
+    """On 4 ranks, in one spawn: pp=2 x FSDP dp=2, pp=2 x TP 2 (DDP kind), the pp=2 step-10
+    checkpoint resumed on pp=2 x DDP dp=2, and a pp=2 x dp=2 job whose init_from is the
+    pp=2 run's final checkpoint (lr 1e-9: its weights stay where init_from put them)."""
+    tmp = runs[2]
+    pp2_dp2 = ["resources.workers=4", "strategy.pipeline_parallel=2", "strategy.pipeline_microbatches=4",
+               "train.micro_batch_size=4", "checkpoint.async_save=false"]  # the same global batch (8)
     jobs = [("pp2_fsdp2", _spec(["resources.workers=4", "strategy.kind=fsdp", "strategy.pipeline_parallel=2",
                                  "strategy.pipeline_microbatches=4", "train.micro_batch_size=4"]), None, [None]),
             ("pp2_tp2", _spec(["resources.workers=4", "strategy.tensor_parallel=2", "strategy.pipeline_parallel=2",
-                               "strategy.pipeline_microbatches=4"]), None, [None])]
-    return run_ranks(_train, 4, jobs), runs[1]
+                               "strategy.pipeline_microbatches=4"]), None, [None]),
+            ("then-4", _spec(pp2_dp2), str(tmp / "then-4"), [None]),
+            ("init", _spec([*pp2_dp2, f"init_from={tmp / 'straight'}", f"train.max_steps={INIT_STEPS}",
+                            f"train.eval_every={INIT_STEPS}", "optim.lr=1e-9"]), str(tmp / "init"), [None])]
+    return run_ranks(_train, 4, jobs), runs[1], tmp
 
 
 @pytest.mark.parametrize("case", ["pp2_fsdp2", "pp2_tp2"])
 def test_3d_compositions_equal_reference(four_rank_runs, case: str) -> None:
-    four, one = four_rank_runs
+    four, one, _ = four_rank_runs
     (ref,) = one["ref"]
     for rank in four:
         (got,) = rank[case]
@@ -144,3 +156,49 @@ def test_3d_compositions_equal_reference(four_rank_runs, case: str) -> None:
         for (_, x), (_, y) in zip(ref[2], got[2], strict=True):
             assert y == pytest.approx(x, rel=REL)
         assert got[3]["train/grad_norm"] == pytest.approx(ref[3]["train/grad_norm"], rel=1e-4)
+
+
+def test_resume_pp2_on_pp2_x_dp2(runs, four_rank_runs) -> None:
+    """pp=2 to step 10, then pp=2 x DDP dp=2 (4 ranks, DCP reshards the stages' checkpoint
+    onto replicated chunks) to the end: the tolerances of test_resume_pp2_on_one_rank."""
+    four, _, tmp = four_rank_runs
+    (straight,) = runs[0][0]["straight"]
+    for rank in four:
+        (resumed,) = rank["then-4"]
+        assert resumed[:2] == (10, STEPS)
+        for (s1, x), (s2, y) in zip(straight[2][5:], resumed[2], strict=True):
+            assert s1 == s2 and y == pytest.approx(x, rel=REL)
+    a, b = _weights(str(tmp / "straight"), tmp), _weights(str(tmp / "then-4"), tmp)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-4, rtol=1e-4)
+
+
+def test_export_of_a_pipelined_checkpoint_is_the_full_model(runs, four_rank_runs) -> None:
+    """The export of the pp=2 run is the bare model's state (its names, shapes, no stage
+    prefixes), tensor for tensor what DCP itself reads back from the stages' shards; a
+    pp=2 x dp=2 job with init_from that checkpoint starts from exactly those weights (lr
+    1e-9 for 2 steps moves no weight by more than 1e-8) and scores the same val/loss."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from temper.checkpoint import find_latest
+    from temper.models import build_model
+    from temper.spec.loader import spec_from_json
+
+    four, _, tmp = four_rank_runs
+    exported = _weights(str(tmp / "straight"), tmp)
+    spec = spec_from_json(_spec(PP))
+    with torch.device("meta"):
+        bare = build_model(spec.model, objective=spec.objective).state_dict()
+    assert {k: tuple(v.shape) for k, v in exported.items()} == {k: tuple(v.shape) for k, v in bare.items()}
+    dcp_to_torch_save(find_latest(str(tmp / "straight")).path, str(tmp / "straight.pt"))
+    saved = torch.load(str(tmp / "straight.pt"), weights_only=False)["model"]
+    for key, tensor in exported.items():
+        assert torch.equal(tensor, saved[key]), key
+    started = _weights(str(tmp / "init"), tmp, step=INIT_STEPS)
+    for key, tensor in exported.items():
+        torch.testing.assert_close(started[key], tensor, atol=1e-8, rtol=0)
+    for rank in four:
+        (init,) = rank["init"]
+        assert init[3]["val/loss"] == pytest.approx(runs[0][0]["straight"][0][3]["val/loss"], rel=REL)
+
