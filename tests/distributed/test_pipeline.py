@@ -1,9 +1,11 @@
 """Pipeline parallelism through the real loop on 2 gloo ranks vs the 1-process reference.
 
 One 2-rank spawn trains every schedule (gpipe, 1f1b, interleaved_1f1b with 2 virtual stages
-per rank) 20 steps with clipping active, plus an interrupted-and-resumed 1f1b run; one
-1-rank spawn computes the reference and resumes a pp=2 checkpoint on one rank. fp32 on CPU:
-the pipeline changes only the order of float32 reductions (micro-batch gradient sums).
+per rank) 20 steps with clipping active, an interrupted-and-resumed 1f1b run, GPT with tied
+embeddings and the encoder's MLM; one 1-rank spawn computes the references and resumes a
+pp=2 checkpoint on one rank; one 4-rank spawn runs the 3-D compositions, resumes the pp=2
+checkpoint on pp=2 x dp=2 and starts a job from it (init_from). fp32 on CPU: the pipeline
+changes only the order of float32 reductions (micro-batch gradient sums).
 """
 
 from __future__ import annotations
@@ -29,10 +31,19 @@ SCHEDULES = {"gpipe": ["strategy.pipeline_schedule=gpipe"], "1f1b": ["strategy.p
              "interleaved_1f1b": ["strategy.pipeline_schedule=interleaved_1f1b", "strategy.stages_per_rank=2"]}
 
 
+#: Tied input/output embeddings (the last stage's copy of tok_emb, gradients summed with the
+#: first stage's): GPT with tie_embeddings (interleaved: stages 0 and 3 on ranks 0 and 1) and
+#: the BERT-style encoder's MLM (4 micro-batches of 2 on both sides: MLM's loss is a mean over
+#: each micro-batch's masked positions, so the reference accumulates the same 4 micro-batches).
+TIED = ["model.tie_embeddings=true"]
+MLM = ["model.kind=encoder", "objective.kind=mlm", "train.micro_batch_size=2", "train.grad_accum=4"]
+
+
 def _spec(extra: list[str]) -> str:
     from temper.spec.loader import load_spec, spec_to_json
 
-    return spec_to_json(load_spec(str(ROOT / "jobs" / "ci" / "tiny-gpt.yaml"), BASE + extra))
+    base = [b for b in BASE if "model.kind=encoder" not in extra or "tie_embeddings" not in b]
+    return spec_to_json(load_spec(str(ROOT / "jobs" / "ci" / "tiny-gpt.yaml"), base + extra))
 
 
 def _train(jobs: list[tuple[str, str, str | None, list[int | None]]]) -> dict:
@@ -77,18 +88,23 @@ def runs(tmp_path_factory) -> tuple[dict, dict, Path]:
     ckpt = ["checkpoint.async_save=false"]
     jobs += [("straight", _spec(PP + ckpt), str(tmp / "straight"), [None]),
              ("twice", _spec(PP + ckpt), str(tmp / "twice"), [10, None]),
-             ("then-1", _spec(PP + ckpt), str(tmp / "then-1"), [10])]
+             ("then-1", _spec(PP + ckpt), str(tmp / "then-1"), [10]),
+             ("tied", _spec(PP + TIED + SCHEDULES["interleaved_1f1b"]), None, [None]),
+             ("mlm", _spec(PP + MLM), None, [None])]
     two = run_ranks(_train, 2, jobs)
     shutil.copytree(tmp / "then-1", tmp / "then-4")  # the step-10 checkpoint, resumed on 4 ranks too
     one = run_ranks(_train, 1, [("ref", _spec(["resources.workers=1"]), None, [None]),
-                                ("then-1", _spec(["resources.workers=1", *ckpt]), str(tmp / "then-1"), [None])])[0]
+                                ("then-1", _spec(["resources.workers=1", *ckpt]), str(tmp / "then-1"), [None]),
+                                ("ref-tied", _spec(["resources.workers=1", *TIED]), None, [None]),
+                                ("ref-mlm", _spec(["resources.workers=1", *MLM]), None, [None])])[0]
     return two, one, tmp
 
 
-@pytest.mark.parametrize("schedule", list(SCHEDULES))
-def test_schedule_equals_reference(runs, schedule: str) -> None:
+@pytest.mark.parametrize(("schedule", "reference"), [*((s, "ref") for s in SCHEDULES),
+                                                     ("tied", "ref-tied"), ("mlm", "ref-mlm")])
+def test_schedule_equals_reference(runs, schedule: str, reference: str) -> None:
     two, one, _ = runs
-    (ref,) = one["ref"]
+    (ref,) = one[reference]
     for rank in two:  # every rank logs the last stage's loss (the window's one all-gather)
         (got,) = rank[schedule]
         assert [s for s, _ in got[2]] == [s for s, _ in ref[2]] and len(ref[2]) == STEPS // 2
@@ -140,16 +156,20 @@ def four_rank_runs(runs) -> tuple[dict, dict, Path]:
                                  "strategy.pipeline_microbatches=4", "train.micro_batch_size=4"]), None, [None]),
             ("pp2_tp2", _spec(["resources.workers=4", "strategy.tensor_parallel=2", "strategy.pipeline_parallel=2",
                                "strategy.pipeline_microbatches=4"]), None, [None]),
+            ("pp2_fsdp2_tied", _spec(["resources.workers=4", "strategy.kind=fsdp", "strategy.pipeline_parallel=2",
+                                      "strategy.pipeline_microbatches=4", "train.micro_batch_size=4", *TIED]),
+             None, [None]),
             ("then-4", _spec(pp2_dp2), str(tmp / "then-4"), [None]),
             ("init", _spec([*pp2_dp2, f"init_from={tmp / 'straight'}", f"train.max_steps={INIT_STEPS}",
                             f"train.eval_every={INIT_STEPS}", "optim.lr=1e-9"]), str(tmp / "init"), [None])]
     return run_ranks(_train, 4, jobs), runs[1], tmp
 
 
-@pytest.mark.parametrize("case", ["pp2_fsdp2", "pp2_tp2"])
-def test_3d_compositions_equal_reference(four_rank_runs, case: str) -> None:
+@pytest.mark.parametrize(("case", "reference"), [("pp2_fsdp2", "ref"), ("pp2_tp2", "ref"),
+                                                 ("pp2_fsdp2_tied", "ref-tied")])
+def test_3d_compositions_equal_reference(four_rank_runs, case: str, reference: str) -> None:
     four, one, _ = four_rank_runs
-    (ref,) = one["ref"]
+    (ref,) = one[reference]
     for rank in four:
         (got,) = rank[case]
         assert [s for s, _ in got[2]] == [s for s, _ in ref[2]]
