@@ -68,7 +68,8 @@ class PipelineStrategy(Strategy):
 
         spec, ctx, tp = self.spec, self.ctx, self.spec.tensor_parallel
         dp = ctx.world_size // (self.pp * tp)
-        mesh = init_device_mesh(ctx.device.type, (self.pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
+        device_type = "cpu" if ctx.device.type == "meta" else ctx.device.type  # meta: temper plan
+        mesh = init_device_mesh(device_type, (self.pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
         self.mesh, self.pp_group = mesh, mesh["pp"].get_group()
         self.pp_rank = mesh["pp"].get_local_rank()
         self.data_rank, self.data_world_size = mesh["dp"].get_local_rank(), dp
@@ -89,6 +90,10 @@ class PipelineStrategy(Strategy):
         self.chunks = [StageChunk(model, blocks=ranges[s], first=s == 0, last=s == n_stages - 1)
                        for s in self.stage_ids]
         wrapped = [self._wrap(chunk, dp_mesh=mesh["dp"], sharded=dp > 1 or tp > 1) for chunk in self.chunks]
+        if ctx.device.type == "meta":  # temper plan: this rank's shapes, nothing to allocate or run
+            self.model, self.tied = model, []
+            self.optimizer = build_optimizer(model)
+            return self.model, self.optimizer
         shared = shared_parameters(model)
         for chunk in wrapped:
             chunk.to_empty(device=ctx.device)  # each chunk's engine re-registers its parameters
