@@ -146,7 +146,8 @@ def test_resume_pp2_on_one_rank(runs) -> None:
 
 @pytest.fixture(scope="module")
 def four_rank_runs(runs) -> tuple[dict, dict, Path]:
-    """On 4 ranks, in one spawn: pp=2 x FSDP dp=2, pp=2 x TP 2 (DDP kind), the pp=2 step-10
+    """On 4 ranks, in one spawn: pp=2 x FSDP dp=2, pp=2 x TP 2 (DDP kind), tied GPT at
+    pp=2 x FSDP 2 and at pp=4, the pp=2 step-10
     checkpoint resumed on pp=2 x DDP dp=2, and a pp=2 x dp=2 job whose init_from is the
     pp=2 run's final checkpoint (lr 1e-9: its weights stay where init_from put them)."""
     tmp = runs[2]
@@ -159,6 +160,9 @@ def four_rank_runs(runs) -> tuple[dict, dict, Path]:
             ("pp2_fsdp2_tied", _spec(["resources.workers=4", "strategy.kind=fsdp", "strategy.pipeline_parallel=2",
                                       "strategy.pipeline_microbatches=4", "train.micro_batch_size=4", *TIED]),
              None, [None]),
+            # 4 stages: the tied embedding's gradient group is ranks 0 and 3, not the pp group
+            ("pp4_tied", _spec(["resources.workers=4", "strategy.pipeline_parallel=4",
+                                "strategy.pipeline_microbatches=4", *TIED]), None, [None]),
             ("then-4", _spec(pp2_dp2), str(tmp / "then-4"), [None]),
             ("init", _spec([*pp2_dp2, f"init_from={tmp / 'straight'}", f"train.max_steps={INIT_STEPS}",
                             f"train.eval_every={INIT_STEPS}", "optim.lr=1e-9"]), str(tmp / "init"), [None])]
@@ -166,7 +170,7 @@ def four_rank_runs(runs) -> tuple[dict, dict, Path]:
 
 
 @pytest.mark.parametrize(("case", "reference"), [("pp2_fsdp2", "ref"), ("pp2_tp2", "ref"),
-                                                 ("pp2_fsdp2_tied", "ref-tied")])
+                                                 ("pp2_fsdp2_tied", "ref-tied"), ("pp4_tied", "ref-tied")])
 def test_3d_compositions_equal_reference(four_rank_runs, case: str, reference: str) -> None:
     four, one, _ = four_rank_runs
     (ref,) = one[reference]
