@@ -37,8 +37,6 @@ def test_pipeline_keys_validate_and_default_off() -> None:
      "per-rank batch (train.micro_batch_size x grad_accum = 8); pick a divisor"),
     (GPT, [*PP, "resources.workers=3"], "strategy.pipeline_parallel x tensor_parallel = 2 does not divide "
      "resources.workers=3; pick sizes whose product divides the workers"),
-    (GPT, [*PP, "model.tie_embeddings=true"], "strategy.pipeline_parallel: the embedding and the output head "
-     "live on different stages, so they cannot share weights; set model.tie_embeddings=false (objective mlm ties always)"),
     (GPT, [*PP, "strategy.pipeline_layers=[1, 2]"], "strategy.pipeline_layers [1, 2] must give every stage "
      ">= 1 block and sum to model.n_layer=2"),
 ])
@@ -96,6 +94,28 @@ def test_pruning_keeps_original_names() -> None:
     a, b = set(dict(first.named_parameters())), set(dict(last.named_parameters()))
     assert a | b == names and not a & b
     assert "tok_emb.weight" in a and "blocks.3.mlp.fc.weight" in b and "head.weight" in b
+
+
+@pytest.mark.parametrize(("sets", "head"), [
+    (["model.tie_embeddings=true"], "head"),
+    (["model.kind=encoder", "objective.kind=mlm"], "heads.mlm.decoder"),
+], ids=["gpt-tied", "encoder-mlm"])
+def test_tied_embedding_is_kept_on_the_last_stage_too(sets: list[str], head: str) -> None:
+    """Tied input/output embeddings: the last stage keeps its own copy of the token embedding
+    (the same name, still tied to its head there); the first stage has no head."""
+    import torch
+
+    from temper.models import build_model
+
+    spec = load_spec(GPT, [*PP[:3], *sets])  # pp=2, n_layer=2
+    with torch.device("meta"):
+        first, last = (build_model(spec.model, objective=spec.objective) for _ in range(2))
+    apply_stage_pruning(first, blocks=[0], first=True, last=False)
+    apply_stage_pruning(last, blocks=[1], first=False, last=True)
+    a, b = dict(first.named_parameters()), dict(last.named_parameters())
+    assert set(a) & set(b) == {"tok_emb.weight"}  # the one parameter both stages hold
+    assert last.get_submodule(head).weight is last.tok_emb.weight and "pos_emb.weight" not in b
+    assert not any(name.startswith("head") for name in a)
 
 
 def test_gpt_7b_3d_recipe_validates() -> None:

@@ -74,7 +74,9 @@ def render_plan(p) -> list[str]:
              + (f" x tensor_parallel {tp}" if tp > 1 else "")
              + f", micro-batch {s.train.micro_batch_size}, {s.train.precision}"
              + (f", on {p.gpu}" if p.gpu else ", GPU unknown (pass --gpu)"),
-             "per rank (rank 0):"]
+             f"per rank (rank {p.rank}):" if p.pipeline_rank is None else
+             f"per rank (rank {p.rank}, pipeline rank {p.pipeline_rank} of {s.strategy.pipeline_parallel}: "
+             "the fullest stage):"]
     if p.memory is None:
         lines.append(f"  memory      {p.unplanned}")
     else:

@@ -127,6 +127,7 @@ def _image_dataset(model: ResNetSpec, *, data, seed: int, split: str, length: in
 #: model.kind -> builder of a synthetic dataset shaped for that model.
 SYNTHETIC_DATASETS: dict[str, Callable[..., Dataset]] = {
     "gpt": _token_dataset,
+    "encoder": _token_dataset,  # masked LM corrupts the tokens itself
     "resnet": _image_dataset,
 }
 

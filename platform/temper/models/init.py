@@ -139,15 +139,21 @@ def materialize(model: nn.Module, *, device: torch.device, seed: int, weights: I
     if device.type == "meta":
         return
     if is_meta(model):
-        shared = _shared_parameters(model)
+        shared = shared_parameters(model)
         model.to_empty(device=device)
-        for (owner, attr), *others in shared:  # to_empty may give each user its own copy
-            for module, name in others:
-                setattr(module, name, getattr(owner, attr))
+        apply_ties(shared)
         apply_deterministic_init(model, seed=seed, weights=weights)
 
 
-def _shared_parameters(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+def apply_ties(shared: list[list[tuple[nn.Module, str]]]) -> None:
+    """Make every user of a shared parameter (`shared_parameters`, taken before `to_empty`,
+    which may give each user its own copy) hold its first user's parameter again."""
+    for (owner, attr), *others in shared:
+        for module, name in others:
+            setattr(module, name, getattr(owner, attr))
+
+
+def shared_parameters(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
     """Every parameter used by more than one (module, attribute), e.g. tied embeddings."""
     users: dict[int, list[tuple[nn.Module, str]]] = {}
     for module in model.modules():

@@ -75,7 +75,7 @@ def _encoder_outside(spec: JobSpec, *, tokens: int, unit: int) -> float:
     GELU, LayerNorm, decoder inputs: norms in fp32) and the fp32 log-softmax on the
     mask_prob share of them the loss scores."""
     m, d = spec.model, spec.model.d_model
-    n = spec.train.micro_batch_size * m.seq_len  # input tokens ([CLS] is dropped before the head)
+    n = tokens // (m.seq_len + int(m.pool == "cls")) * m.seq_len  # input tokens ([CLS] is dropped before the head)
     out = tokens * (4 * d + 8) + n * 8
     if spec.objective is not None and spec.objective.kind == "mlm":
         out += n * (d * (3 * unit + 4) + 8) + spec.objective.mask_prob * n * (4 * m.vocab_size + 8)
@@ -90,6 +90,45 @@ _OUTSIDE = {"gpt": _gpt_outside, "encoder": _encoder_outside}
 
 def estimate_activations(spec: JobSpec) -> ActivationEstimate | None:
     """The transformer's activations for `train.micro_batch_size` sequences, or None (no formula)."""
+    parts = _parts(spec, samples=spec.train.micro_batch_size)
+    if parts is None:
+        return None
+    saved_block, recompute, outside = parts
+    return ActivationEstimate(saved=int(spec.model.n_layer * saved_block + outside), recompute=int(recompute))
+
+
+def pipeline_activations(spec: JobSpec, *, pipeline_rank: int) -> ActivationEstimate | None:
+    """One pipeline rank's activations (strategy.pipeline_parallel > 1): a pipeline
+    micro-batch (micro_batch_size x grad_accum / pipeline_microbatches samples) through this
+    rank's blocks, times the micro-batches the schedule holds in flight there (m micro-batches,
+    p ranks, v stages per rank, rank r): gpipe m; 1f1b min(m, p - r); interleaved_1f1b
+    min(m v, (v - 1) p + 2 (p - 1 - r) + 1) stage-micro-batches of 1/v of the rank's blocks
+    (its warm-up forwards plus one, as torch's schedule runs them). The last rank adds the
+    output part (final norm, head, log-softmax) for its in-flight micro-batches (gpipe m,
+    else 1)."""
+    from temper.strategies.pipeline_split import split_layers
+
+    s = spec.strategy
+    p, v, m = s.pipeline_parallel, s.stages_per_rank, s.pipeline_microbatches
+    parts = _parts(spec, samples=spec.train.micro_batch_size * spec.train.grad_accum // m)
+    if parts is None:
+        return None
+    saved_block, recompute, outside = parts
+    counts = split_layers(n_layer=spec.model.n_layer, stages=p * v, explicit=s.pipeline_layers)
+    blocks = sum(counts[pipeline_rank + k * p] for k in range(v))
+    if s.pipeline_schedule == "gpipe":
+        flight = float(m)
+    elif s.pipeline_schedule == "1f1b":
+        flight = float(min(m, p - pipeline_rank))
+    else:
+        flight = min(m * v, (v - 1) * p + 2 * (p - 1 - pipeline_rank) + 1) / v
+    last = outside * (m if s.pipeline_schedule == "gpipe" else 1) if pipeline_rank == p - 1 else 0
+    return ActivationEstimate(saved=int(flight * blocks * saved_block + last), recompute=int(recompute))
+
+
+def _parts(spec: JobSpec, *, samples: int) -> tuple[float, float, float] | None:
+    """(saved per block, held while recomputing one block, outside the blocks) in bytes for
+    `samples` sequences, or None (no formula for this model)."""
     outside_fn = _OUTSIDE.get(spec.model.kind)
     if outside_fn is None:
         return None
@@ -99,7 +138,7 @@ def estimate_activations(spec: JobSpec) -> ActivationEstimate | None:
     unit = 2 if spec.train.precision == "bf16" else 4  # bytes of a matmul output
     r = int(m.mlp_ratio * m.d_model) / m.d_model
     extra = int(getattr(m, "pool", None) == "cls")  # the encoder's [CLS] token
-    tokens, d = spec.train.micro_batch_size * (m.seq_len + extra), m.d_model
+    tokens, d = samples * (m.seq_len + extra), m.d_model
     small = 16 + 4 * m.n_head / tp
     block = tokens * (d * (16 + (4 + 2 * r) * unit / tp) + small)
     block_weights = 2 * (4 + 2 * r) * d * d / tp if _fp32_weights_in_compute(spec) else 0
@@ -110,5 +149,4 @@ def estimate_activations(spec: JobSpec) -> ActivationEstimate | None:
         recompute = block - saved_block + block_weights
     else:
         saved_block, recompute = block + block_weights, 0
-    outside = outside_fn(spec, tokens=tokens, unit=unit)
-    return ActivationEstimate(saved=int(m.n_layer * saved_block + outside), recompute=int(recompute))
+    return saved_block, recompute, outside_fn(spec, tokens=tokens, unit=unit)

@@ -22,13 +22,18 @@ import torch.distributed as dist
 from temper.dist import DistContext
 from temper.errors import TemperError
 from temper.models import build_model
-from temper.runtime.activations import ActivationEstimate, estimate_activations
+from temper.runtime.activations import (
+    ActivationEstimate,
+    estimate_activations,
+    pipeline_activations,
+)
 from temper.runtime.optim import build_optimizer
 from temper.runtime.perf import peak_flops_by_name
 from temper.spec.job import JobSpec
 from temper.spec.strategy import strategy_problems
 from temper.strategies import build_strategy
 from temper.strategies.memory import MemoryReport
+from temper.strategies.pipeline_split import stack_blocks
 
 GIB = 1024**3
 
@@ -76,6 +81,8 @@ class Plan:
     mfu: float
     flops_per_step: float | None
     unplanned: str | None = None
+    rank: int = 0  # the rank planned; a pipeline: the first rank of its fullest stage
+    pipeline_rank: int | None = None
 
     @property
     def offloaded(self) -> bool:
@@ -134,13 +141,12 @@ def build_plan(spec: JobSpec, *, gpu: str | None = None, mfu: float = 0.4) -> Pl
     if not 0 < mfu <= 1:
         raise TemperError(f"--mfu {mfu} is not a fraction; pass a value in (0, 1], e.g. 0.4")
     gpu = gpu_for(spec, gpu)
-    with torch.device("meta"):
-        model = build_model(spec.model, objective=spec.objective)
-    if spec.init_from is not None and spec.init_from.freeze_backbone:
-        model.freeze_backbone()  # as the loop does: only the heads get gradients and state
+    model = _meta_model(spec)
     fps = getattr(model, "train_flops_per_sample", lambda: None)()
     common = dict(spec=spec, activations=estimate_activations(spec), gpu=gpu, mfu=mfu,
                   flops_per_step=fps * spec.global_batch_size if fps else None)
+    if getattr(spec.strategy, "pipeline_parallel", 1) > 1:
+        return max(pipeline_plans(spec, common=common), key=lambda plan: plan.total)
     if spec.strategy.kind == "deepspeed":
         return Plan(memory=None, buffers=0, **common, unplanned=(
             "not planned for strategy.kind=deepspeed: ZeRO builds its partitions from real "
@@ -149,9 +155,32 @@ def build_plan(spec: JobSpec, *, gpu: str | None = None, mfu: float = 0.4) -> Pl
     return Plan(memory=memory, buffers=buffers, **common)
 
 
-def _sharded_memory(spec: JobSpec, model: torch.nn.Module) -> tuple[MemoryReport, int]:
-    with fake_process_group(spec.resources.workers):
-        ctx = DistContext(rank=0, world_size=spec.resources.workers, local_rank=0,
+def _meta_model(spec: JobSpec) -> torch.nn.Module:
+    with torch.device("meta"):
+        model = build_model(spec.model, objective=spec.objective)
+    if spec.init_from is not None and spec.init_from.freeze_backbone:
+        model.freeze_backbone()  # as the loop does: only the heads get gradients and state
+    return model
+
+
+def pipeline_plans(spec: JobSpec, *, common: dict) -> list[Plan]:
+    """One plan per pipeline rank (strategy.pipeline_parallel > 1): its stages' own
+    parameters, gradients and optimizer state (the last stage's copy of a tied embedding
+    included), planned as the first rank of that stage (dp and tp rank 0), and its
+    activations by `pipeline_activations`. `common`: build_plan's fields of every plan."""
+    s = spec.strategy
+    stride = spec.resources.workers // s.pipeline_parallel  # ranks per stage (mesh: pp outermost)
+    plans = []
+    for r in range(s.pipeline_parallel):
+        memory, buffers = _sharded_memory(spec, _meta_model(spec), rank=r * stride)
+        plans.append(Plan(memory=memory, buffers=buffers, **{
+            **common, "activations": pipeline_activations(spec, pipeline_rank=r)}, rank=r * stride, pipeline_rank=r))
+    return plans
+
+
+def _sharded_memory(spec: JobSpec, model: torch.nn.Module, *, rank: int = 0) -> tuple[MemoryReport, int]:
+    with fake_process_group(spec.resources.workers, rank=rank):
+        ctx = DistContext(rank=rank, world_size=spec.resources.workers, local_rank=0,
                           device=torch.device("meta"), backend="fake")
         strategy = build_strategy(spec, ctx=ctx)
         strategy.setup(model, build_optimizer=lambda m: build_optimizer(m, spec.optim))
@@ -174,9 +203,11 @@ def _buffer_bytes(spec: JobSpec, model: torch.nn.Module) -> int:
     s = spec.strategy
     tp = getattr(s, "tensor_parallel", 1)
     if s.kind == "ddp":
+        if getattr(s, "pipeline_parallel", 1) == spec.resources.workers:  # stage chunks unwrapped: no buckets
+            return 0
         return sum(_local_bytes(p) for p in model.parameters() if p.requires_grad or tp > 1)
     param_bytes = 2 if (s.param_dtype == "bf16" or (s.param_dtype == "auto" and spec.train.precision == "bf16")) else 4
-    blocks = list(getattr(model, "blocks", []))
+    blocks = stack_blocks(model)
     unit = max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0) // tp
     if not s.reshard_after_forward:
         gathered = sum(p.numel() for p in model.parameters()) // tp * param_bytes
@@ -190,13 +221,13 @@ def _local_bytes(p: torch.Tensor) -> int:
 
 
 @contextlib.contextmanager
-def fake_process_group(world_size: int) -> Iterator[None]:
-    """A default process group of `world_size` ranks whose collectives do nothing (rank 0)."""
+def fake_process_group(world_size: int, *, rank: int = 0) -> Iterator[None]:
+    """A default process group of `world_size` ranks whose collectives do nothing (as `rank`)."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     if dist.is_initialized():
         raise TemperError("temper plan needs a process without a process group; run it from the CLI")
-    dist.init_process_group(backend="fake", store=FakeStore(), rank=0, world_size=world_size)
+    dist.init_process_group(backend="fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
         yield
     finally:

@@ -375,7 +375,7 @@ class JobSpec(BaseSpec):
             strategy=self.strategy, model=self.model, workers=self.resources.workers,
             tp_kinds=TENSOR_PARALLEL_KINDS,
         ) + pipeline_problems(
-            strategy=self.strategy, model=self.model, objective=self.objective, workers=self.resources.workers,
+            strategy=self.strategy, model=self.model, workers=self.resources.workers,
             samples_per_step=self.train.micro_batch_size * self.train.grad_accum,
         )
         if problems:

@@ -224,7 +224,7 @@ def strategy_problems(*, strategy: Any, model: Any, workers: int, tp_kinds: tupl
 PIPELINE_KINDS = ("gpt", "encoder")
 
 
-def pipeline_problems(*, strategy: Any, model: Any, objective: Any, workers: int,
+def pipeline_problems(*, strategy: Any, model: Any, workers: int,
                       samples_per_step: int) -> list[str]:
     """Cross-section checks of strategy.pipeline_parallel (one line each); `samples_per_step`
     is train.micro_batch_size x train.grad_accum, what the micro-batches split."""
@@ -250,7 +250,4 @@ def pipeline_problems(*, strategy: Any, model: Any, objective: Any, workers: int
     if workers % (pp * tp):
         problems.append(f"strategy.pipeline_parallel x tensor_parallel = {pp * tp} does not divide "
                         f"resources.workers={workers}; pick sizes whose product divides the workers")
-    if getattr(model, "tie_embeddings", False) or getattr(objective, "kind", "") == "mlm":
-        problems.append("strategy.pipeline_parallel: the embedding and the output head live on different stages, "
-                        "so they cannot share weights; set model.tie_embeddings=false (objective mlm ties always)")
     return problems

@@ -16,16 +16,24 @@ from torch.distributed.tensor import DTensor
 
 @torch.no_grad()
 def clip_grad_norm_global(params: Iterable[torch.Tensor], max_norm: float | None, *,
-                          stage_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+                          stage_group: dist.ProcessGroup | None = None,
+                          uncounted: Iterable[torch.Tensor] = ()) -> torch.Tensor:
     """Scale gradients so their global 2-norm is at most `max_norm` (None: only measure);
     return the pre-clip global norm (fp32, on the gradients' device). Same coefficient as
     `torch.nn.utils.clip_grad_norm_`: min(1, max_norm / (norm + 1e-6)). `stage_group`: the
-    pipeline's stages, each holding other parameters (their squares are summed over it)."""
+    pipeline's stages, each holding other parameters (their squares are summed over it).
+    `uncounted`: parameters among `params` that another stage holds too (a tied embedding's
+    copy), clipped but left out of the norm (the other stage counts them)."""
     groups: dict[tuple, list[torch.Tensor]] = {}
     meshes: dict[tuple, tuple] = {}
+    skip = {id(p) for p in uncounted}
+    replicas = []
     for p in params:
         g = p.grad
         if g is None:
+            continue
+        if id(p) in skip:
+            replicas.append(g.to_local() if isinstance(g, DTensor) else g)
             continue
         if isinstance(g, DTensor):
             if any(pl.is_partial() for pl in g.placements):
@@ -55,7 +63,7 @@ def clip_grad_norm_global(params: Iterable[torch.Tensor], max_norm: float | None
     total = total_sq.sqrt()
     if max_norm is not None:
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        for t in locals_:
+        for t in locals_ + replicas:
             t.mul_(coef.to(t.device, t.dtype))
     return total
 

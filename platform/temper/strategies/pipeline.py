@@ -12,6 +12,10 @@ parallel on one 3-D (pp, dp, tp) mesh: world = pipeline_parallel x dp x tensor_p
         (gpipe | 1f1b | interleaved_1f1b) runs; the last stage scores each micro-batch with the
         objective's loss. Gradients are scaled by 1 / microbatches by the schedule.
 
+Tied input/output embeddings: the last stage keeps its own copy of the token embedding
+(pipeline_split.py); after the schedule's backward the first and last stage's copies sum
+their gradients over `tie_group` (Megatron's embedding all-reduce) and stay equal.
+
 The loss and metrics exist on the last stage only: each rank returns them weighted so that
 the window's mean over all ranks (loop._close_window's one all-gather) is the last stage's
 mean (pp x value there, 0 elsewhere). Clipping uses the norm over every stage.
@@ -30,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from temper.dist import DistContext
-from temper.models.init import InitWeights, apply_deterministic_init
+from temper.models.init import InitWeights, apply_deterministic_init, apply_ties, shared_parameters
 from temper.objectives.base import ObjectiveOutput
 from temper.spec.job import JobSpec
 from temper.strategies.base import StepOutput, Strategy
@@ -41,6 +45,7 @@ from temper.strategies.pipeline_split import (
     apply_stage_pruning,
     split_layers,
     stage_ranges,
+    tied_layers,
 )
 
 
@@ -63,7 +68,8 @@ class PipelineStrategy(Strategy):
 
         spec, ctx, tp = self.spec, self.ctx, self.spec.tensor_parallel
         dp = ctx.world_size // (self.pp * tp)
-        mesh = init_device_mesh(ctx.device.type, (self.pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
+        device_type = "cpu" if ctx.device.type == "meta" else ctx.device.type  # meta: temper plan
+        mesh = init_device_mesh(device_type, (self.pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
         self.mesh, self.pp_group = mesh, mesh["pp"].get_group()
         self.pp_rank = mesh["pp"].get_local_rank()
         self.data_rank, self.data_world_size = mesh["dp"].get_local_rank(), dp
@@ -72,15 +78,27 @@ class PipelineStrategy(Strategy):
                                            explicit=spec.pipeline_layers))
         self.stage_ids = [self.pp_rank + k * self.pp for k in range(spec.stages_per_rank)]
         self.has_first, self.has_last = 0 in self.stage_ids, n_stages - 1 in self.stage_ids
+        tied = tied_layers(model)  # the same on every rank: decided before the split
+        self.dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
+        self.tie_group = _embedding_group(mesh) if tied else None
         apply_stage_pruning(model, blocks=[i for s in self.stage_ids for i in ranges[s]],
                             first=self.has_first, last=self.has_last)
+        tied_at = [(m, a) for n in tied if self.has_first or self.has_last  # (module, attribute)
+                   for m in getattr(model, n).modules() for a, p in m._parameters.items() if p is not None]
         apply_model_parallelism(model, tp_mesh=mesh["tp"] if tp > 1 else None,
                                 activation_checkpointing=spec.activation_checkpointing, compile=spec.compile)
         self.chunks = [StageChunk(model, blocks=ranges[s], first=s == 0, last=s == n_stages - 1)
                        for s in self.stage_ids]
         wrapped = [self._wrap(chunk, dp_mesh=mesh["dp"], sharded=dp > 1 or tp > 1) for chunk in self.chunks]
+        if ctx.device.type == "meta":  # temper plan: this rank's shapes, nothing to allocate or run
+            self.model, self.tied = model, []
+            self.optimizer = build_optimizer(model)
+            return self.model, self.optimizer
+        shared = shared_parameters(model)
         for chunk in wrapped:
             chunk.to_empty(device=ctx.device)  # each chunk's engine re-registers its parameters
+        apply_ties(shared)
+        self.tied = [getattr(m, a) for m, a in tied_at]  # this rank's copies, as the engine holds them
         apply_deterministic_init(model, seed=self.seed, weights=pretrained)  # names: the bare model's
         self.model = model
         self.optimizer = build_optimizer(model)
@@ -136,8 +154,21 @@ class PipelineStrategy(Strategy):
     def _run(self, inputs: torch.Tensor) -> None:
         args = (inputs,) if self.has_first else ()
         target = torch.arange(self.n_micro, device=self.ctx.device) if self.has_last else None
-        with _stage_rng(self.ctx.device, self.pp_rank):
+        with _stage_rng(self.ctx.device, self.pp_rank, active=self.dropout):
             self.schedule.step(*args, target=target)
+        if self.tie_group is not None:
+            self._sum_tied_grads()
+
+    def _sum_tied_grads(self) -> None:
+        """The first and the last stage's copies of a tied embedding each got a part of its
+        gradient; both take the sum (Megatron's embedding all-reduce), so they stay equal."""
+        if not self.tied:
+            return
+        for p in self.tied:
+            if p.grad is None:  # e.g. a tied LM head the objective does not call
+                p.grad = torch.zeros_like(p)
+            g = p.grad
+            dist.all_reduce(g.to_local() if hasattr(g, "to_local") else g, group=self.tie_group)
 
     def forward_backward(self, *, objective: Any, fetch: Callable[[], dict], micro_steps: int,
                          autocast: Callable[[], Any], timer: Any,
@@ -214,13 +245,32 @@ class PipelineStrategy(Strategy):
 
     def clip_grad_norm(self, max_norm: float | None) -> torch.Tensor:
         """The norm over every stage's gradients (summed over the pipeline group too)."""
-        return clip_grad_norm_global(self.model.parameters(), max_norm, stage_group=self.pp_group)
+        replicas = self.tied if self.has_last and not self.has_first else []  # the first stage counts them
+        return clip_grad_norm_global(self.model.parameters(), max_norm, stage_group=self.pp_group,
+                                     uncounted=replicas)
 
     def measure_memory(self, micro_step: Callable[[], torch.Tensor]):
         raise NotImplementedError("memory measurement runs the objective outside the schedule")
 
 
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64]
+
+
+def _embedding_group(mesh) -> dist.ProcessGroup:
+    """This rank's group of the first and the last pipeline rank at its (dp, tp) coordinate
+    (every rank creates every such group, in the same order, as new_group requires)."""
+    ranks = mesh.mesh
+    if ranks.shape[0] == 2:
+        return mesh["pp"].get_group()
+    mine = None
+    for d in range(ranks.shape[1]):
+        for t in range(ranks.shape[2]):
+            members = [int(ranks[0, d, t]), int(ranks[-1, d, t])]
+            group = dist.new_group(members)
+            if dist.get_rank() in members:
+                mine = group
+    return mine
+
 
 
 def _send(x: torch.Tensor, *, dst: int) -> None:
@@ -295,10 +345,15 @@ def _split(batch: dict, parts: int) -> list[dict]:
 
 
 @contextlib.contextmanager
-def _stage_rng(device: torch.device, stage: int) -> Iterator[None]:
+def _stage_rng(device: torch.device, stage: int, *, active: bool) -> Iterator[None]:
     """Dropout inside the schedule draws from a stream per stage, seeded from one draw of
     the global generator; afterwards the global generator is where that draw left it, the
-    same on every stage (so the next step's objective inputs, e.g. MLM masks, agree)."""
+    same on every stage (so the next step's objective inputs, e.g. MLM masks, agree).
+    Without dropout (`active` False) nothing is drawn: the global generator then serves the
+    objective exactly as in a run without a pipeline (MLM masks equal the 1-process run's)."""
+    if not active:
+        yield
+        return
     seed = int(torch.randint(0, 2**62, (1,)).item())
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, device_type=device.type):

@@ -10,6 +10,12 @@ keys never depend on the split.
     counts = split_layers(n_layer=8, stages=4)          # [1, 2, 3, 2]: embed and head weigh 1
     kept = apply_stage_pruning(model, owned=[blocks of this rank's stages], first=.., last=..)
     chunk = StageChunk(kept, blocks=[...], first=True, last=False)   # one stage's forward
+
+Tied input/output embeddings (GPT's `tie_embeddings`, the encoder's MLM decoder) are kept
+the Megatron way: the last stage keeps its own copy of the embedding layers the head shares
+a weight with (`tied_layers`), under the same names, initialized alike from (seed, name);
+the pipeline strategy sums the two copies' gradients over the first and last stages, so
+they stay equal (one checkpoint entry: DCP writes a replicated key once).
 """
 
 from __future__ import annotations
@@ -49,17 +55,29 @@ def stage_ranges(counts: Sequence[int]) -> list[range]:
     return out
 
 
+def tied_layers(model: nn.Module) -> tuple[str, ...]:
+    """The embedding layers (children named in `embed`) holding a parameter that an output
+    layer uses too: the tied token embedding, or () when nothing is tied."""
+    stack = model.pipeline_stack
+    used = {id(p) for n in stack["output"] if isinstance(getattr(model, n, None), nn.Module)
+            for p in getattr(model, n).parameters()}
+    return tuple(n for n in stack["embed"] if isinstance(getattr(model, n, None), nn.Module)
+                 and any(id(p) in used for p in getattr(model, n).parameters()))
+
+
 def apply_stage_pruning(model: nn.Module, *, blocks: Sequence[int], first: bool, last: bool) -> None:
     """Keep only `blocks` (indices into the stack) and, on the first stage, the embedding,
-    on the last the output layers; in place, names unchanged."""
+    on the last the output layers and the embedding layers they are tied to; in place,
+    names unchanged."""
     stack = model.pipeline_stack
+    tied = tied_layers(model) if last else ()
     layers = getattr(model, stack["blocks"])
     kept = nn.ModuleDict({str(i): layers[i] for i in blocks})
     setattr(model, stack["blocks"], kept)
     for names, keep in ((stack["embed"], first), (stack["output"], last)):
         if keep:
             continue
-        for name in names:
+        for name in (n for n in names if n not in tied):
             if hasattr(model, name):
                 value = getattr(model, name)
                 if isinstance(value, nn.ModuleDict):
@@ -84,7 +102,7 @@ class StageChunk(nn.Module):
         self.head: str | None = None  # set per step from the objective's call
         layers = getattr(model, stack["blocks"])
         self.blocks = nn.ModuleDict({str(i): layers[str(i)] for i in blocks})
-        names = (stack["embed"] if first else ()) + (stack["output"] if last else ())
+        names = (stack["embed"] if first else tied_layers(model) if last else ()) + (stack["output"] if last else ())
         self.parts = nn.ModuleDict({n: getattr(model, n) for n in names
                                     if isinstance(getattr(model, n, None), nn.Module)})
 
