@@ -344,3 +344,16 @@ def test_tiny_resnet_beats_chance_on_template_images() -> None:
     with torch.no_grad():
         accs = [objective(model, b).metrics["acc"].item() for b in data.eval_batches()]
     assert sum(accs) / len(accs) > 0.3  # chance is 0.1
+
+
+def test_classify_on_synthetic_text_is_refused_before_launch() -> None:
+    """Synthetic text data has no labels: a GPT classify job says so before any worker starts
+    (it used to die in the first step with KeyError: 'label')."""
+    from temper.data import preflight_data
+    from temper.errors import TemperError
+    from temper.spec import load_spec
+
+    spec = load_spec("jobs/ci/tiny-gpt.yaml", ["objective={kind: classify}", "model.num_classes=4"])
+    with pytest.raises(TemperError, match="needs labels.*data.kind=webdataset"):
+        preflight_data(spec)
+    assert preflight_data(load_spec("jobs/ci/tiny-resnet.yaml", [])) == []

@@ -31,11 +31,22 @@ def _webdataset_preflight(spec: JobSpec) -> list[str]:
     return preflight(spec)
 
 
+def _synthetic_preflight(spec: JobSpec) -> list[str]:
+    if spec.objective.kind == "classify" and spec.model.kind not in ("resnet", "vit"):
+        raise TemperError(
+            f"objective.kind 'classify' needs labels, and data.kind 'synthetic' makes unlabeled token "
+            f"sequences for model.kind '{spec.model.kind}'; use labeled shards (data.kind=webdataset "
+            "with a label field, e.g. from temper data pack pystdlib-packages)"
+        )
+    return []
+
+
 DATA_BUILDERS: dict[str, Callable[..., DataBundle]] = {
     "synthetic": build_synthetic_data,
     "webdataset": _webdataset,
 }
 DATA_PREFLIGHTS: dict[str, Callable[[JobSpec], list[str]]] = {
+    "synthetic": _synthetic_preflight,
     "webdataset": _webdataset_preflight,
 }
 
