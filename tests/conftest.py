@@ -8,6 +8,7 @@ job files; shards.py: reading shards as the ranks do); test modules never import
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 
@@ -18,6 +19,13 @@ pytest_plugins = [
     "tests.fixtures.mlflow_server", "tests.fixtures.ray_cluster", "tests.fixtures.shard_servers",
     "tests.fixtures.helm", "tests.fixtures.k8s_api", "tests.fixtures.ray_jobs",
 ]
+
+# The Ctrl-C tests send SIGINT to the `temper` processes they start. A shell that starts a
+# command in the background without job control (`make test &` in a script, CI runners)
+# sets SIGINT to "ignored", and an ignored signal stays ignored in every child, so `temper`
+# would never see the Ctrl-C. A handler here (children start with the default) undoes that.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Keep test runs quiet and offline.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
