@@ -31,7 +31,7 @@ def no_ray(monkeypatch):
     ("space", "message"),
     [
         ("space: {optim.lrr: {loguniform: [1.0e-3, 0.1]}}",
-         "space.optim.lrr: unknown key (did you mean 'lr'?); accepted: betas, eps, grad_clip, kind, lr, "
+         "space.optim.lrr: unknown key (did you mean 'lr'?); accepted: betas, eps, grad_clip, implementation, kind, lr, "
          "momentum, nesterov, schedule, weight_decay"),
         ("space: {optim.momentum: {uniform: [0.5, 1.5]}}",
          "space.optim.momentum: uniform value 1.5: input should be less than 1 (got 1.5)"),
