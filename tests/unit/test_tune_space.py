@@ -67,9 +67,9 @@ def test_metric_needs_held_out_data(tmp_path, capsys) -> None:
 
 
 def test_tune_overrides_and_mode_default() -> None:
-    space = load_space(CI_SPACE, ["tune.num_samples=16", "tune.metric=val/loss", "tune.mode=null"])
-    assert space.tune.num_samples == 16 and space.tune.resolved_mode == "min"
-    assert load_space(CI_SPACE).tune.resolved_mode == "max"
+    space = load_space(CI_SPACE, ["tune.num_samples=16", "tune.metric=val/acc", "tune.mode=null"])
+    assert space.tune.num_samples == 16 and space.tune.resolved_mode == "max"
+    assert load_space(CI_SPACE).tune.resolved_mode == "min"
 
 
 def test_reported_metrics_follow_the_objective() -> None:

@@ -128,7 +128,7 @@ def run_search(request: SearchRequest) -> SearchResult:
             grid = tuner.fit()
         except KeyboardInterrupt:  # Ctrl-C (Tune's own handler is off: see _init_ray)
             status = "KILLED"
-            cut = _kill_running_trials(client, parent)
+            cut = _stop_trials_and_kill_their_runs(client, parent)
             raise KeyboardInterrupt(f"the search was interrupted (Ctrl-C) before trial(s) {cut or 'none'} "
                                     "finished; run the same command to resume it") from None
         interrupted = _collect(grid, result=result, client=client, base=base)
@@ -280,15 +280,38 @@ def _collect(grid, *, result: SearchResult, client, base) -> bool:
     return interrupted
 
 
-def _kill_running_trials(client, parent: str) -> str:
-    """After Ctrl-C: the trials' runs still RUNNING end KILLED (their workers end with this
-    driver); returns their trial ids."""
-    cut = []
-    for trial_id, run in sorted(_child_runs(client, parent).items()):
-        if run.info.status == "RUNNING":
+SETTLE_S, QUIET_S = 30.0, 4.0  # after Ctrl-C: how long to watch the trials' runs as Ray stops them
+
+
+def _stop_trials_and_kill_their_runs(client, parent: str) -> str:
+    """After Ctrl-C: end this driver's Ray job (Ray stops its trials and their workers), and
+    end KILLED every trial run left RUNNING; returns their trial ids.
+
+    A trial can still write for a moment after the interrupt: one starting up creates (or
+    reopens) its run, one whose workers go away may end its run FAILED. So the runs are
+    watched until QUIET_S pass with nothing to correct (SETTLE_S at most)."""
+    import ray
+
+    cut = _kill_running_trials(client, parent, set())
+    ray.shutdown()
+    start = last_change = time.monotonic()
+    while time.monotonic() - start < SETTLE_S and time.monotonic() - last_change < QUIET_S:
+        time.sleep(1.0)
+        if _kill_running_trials(client, parent, cut):
+            last_change = time.monotonic()
+    return ", ".join(sorted(cut))
+
+
+def _kill_running_trials(client, parent: str, cut: set[str]) -> set[str]:
+    """The trials' runs still RUNNING, and those in `cut` (already interrupted) that ended
+    FAILED since, end KILLED; their trial ids are added to `cut` and returned."""
+    changed = set()
+    for trial_id, run in _child_runs(client, parent).items():
+        if run.info.status == "RUNNING" or (trial_id in cut and run.info.status == "FAILED"):
             client.set_terminated(run.info.run_id, status="KILLED")
-            cut.append(trial_id)
-    return ", ".join(cut)
+            changed.add(trial_id)
+    cut |= changed
+    return changed
 
 
 def _child_runs(client, parent: str) -> dict[str, Any]:
