@@ -27,6 +27,7 @@ from temper.console import ProgressDisplay
 from temper.dist import build_dist_context
 from temper.errors import JobFailedError, WorkerFailedError
 from temper.run_info import RunInfo
+from temper.runtime.allocator import fix_mmap_threshold
 from temper.runtime.failure import (
     apply_flight_recorder_env,
     close_rank_log,
@@ -58,6 +59,7 @@ def run_worker(spec_json: str, run_info: RunInfo | dict | None, *, reporter: Rep
     the rank's log (runtime/failure.py); `ship_log(path, start)` then sends the log from byte
     `start` (this attempt's lines) where the driver can upload it (a rank on another node)."""
     spec = spec_from_json(spec_json)
+    fix_mmap_threshold(spec.resources.malloc_mmap_threshold_kib)  # before any model tensor
     run_info = RunInfo.from_dict(run_info)
     rank = int(os.environ.get("RANK", "0"))
     rank_log = open_rank_log(run_info.run_folder, rank=rank, dump_on_sigterm=dump_on_sigterm)

@@ -1,10 +1,10 @@
 """Each rank's peak resident memory through a model's life (used by
 benchmarks/memory_at_scale.py and tests/distributed/test_memory_at_scale.py).
 
-The real build path on the job's model and strategy, one phase after another in one
-process: init (meta model -> strategy.setup), steps (optimizer steps on synthetic tokens),
-save (a checkpoint: DCP, or DeepSpeed's own), resume (a fresh model + strategy loading that
-checkpoint), init_from (a fresh model + strategy initialized from a DCP checkpoint). Before
+The real build path on the job's model and strategy: init (meta model -> strategy.setup),
+steps (optimizer steps on synthetic tokens), save (a checkpoint: DCP, or DeepSpeed's own) in
+one process; resume (a fresh model + strategy loading that checkpoint) and init_from (a fresh
+model + strategy initialized from a DCP checkpoint) each in a fresh one (PROCESSES). Before
 each phase: free what is unused (gc, malloc_trim) and reset the kernel's high-water mark
 (/proc/self/clear_refs "5", Linux), so a phase's VmHWM is its own peak. Peaks are reported
 above `base`, the resident memory before the first model is built (the Python process,
@@ -25,11 +25,17 @@ from temper.checkpoint.storage import open_store
 from temper.checkpoint.weights import DcpTensors, PretrainedWeights
 from temper.dist import DistContext
 from temper.models import build_model
+from temper.runtime.allocator import fix_mmap_threshold
 from temper.runtime.optim import build_optimizer
 from temper.spec.job import JobSpec
 from temper.strategies import build_strategy
 
 PHASES = ("init", "steps", "save", "resume", "init_from")
+#: How a job meets them: its first start builds, trains and saves in one process; a resume
+#: (a restarted job) and an init_from (a fine-tune) each start a fresh one. Measured in one
+#: process, a ZeRO-3 resume read 2.4x its theory instead of 1.5x: DeepSpeed keeps part of the
+#: previous engine.
+PROCESSES = (("init", "steps", "save"), ("resume",), ("init_from",))
 
 
 def _status_kib(field: str) -> int:
@@ -104,9 +110,16 @@ def dcp_weights(folder: str) -> PretrainedWeights:
                              loader=src.get, shard_loader=src.load_shards)
 
 
-def measure_phases(spec: JobSpec, ctx: DistContext, *, folder: str, init_from: str, steps: int = 2) -> dict:
-    """{"base": bytes, phase: peak bytes above base} on this rank; `init_from` names a DCP
-    folder written earlier (by an FSDP run of the same model)."""
+def measure_phases(spec: JobSpec, ctx: DistContext, *, folder: str, init_from: str,
+                   phases: tuple[str, ...] = PHASES, steps: int = 2) -> dict:
+    """{"base": bytes, phase: peak bytes above base} on this rank for `phases`, in PHASES
+    order: init, steps and save share one strategy; resume loads what save wrote to `folder`
+    (an earlier call's, in another process); init_from starts from the DCP folder
+    `init_from` (written by an FSDP run of the same model). The host heap is set up as a
+    worker's (run_worker)."""
+    if unknown := set(phases) - set(PHASES):
+        raise ValueError(f"unknown phases {sorted(unknown)}; choose from {PHASES}")
+    fix_mmap_threshold(spec.resources.malloc_mmap_threshold_kib)
     base = reset_peak()
     out: dict[str, int] = {"base": base}
 
@@ -118,20 +131,26 @@ def measure_phases(spec: JobSpec, ctx: DistContext, *, folder: str, init_from: s
         out[name] = peak_bytes() - base
         return result
 
-    strategy = phase("init", lambda: _build(spec, ctx))
-    phase("steps", lambda: _steps(strategy, spec, ctx, steps))
-    phase("save", lambda: _save(strategy, folder))
-    strategy.close()
-    del strategy
-
     def resume():
         s = _build(spec, ctx)
         _load(s, folder)
         return s
 
-    strategy = phase("resume", resume)
-    strategy.close()
-    del strategy
-    strategy = phase("init_from", lambda: _build(spec, ctx, pretrained=dcp_weights(init_from)))
-    strategy.close()
+    builders = {"init": lambda: _build(spec, ctx), "resume": resume,
+                "init_from": lambda: _build(spec, ctx, pretrained=dcp_weights(init_from))}
+    strategy = None
+    for name in (p for p in PHASES if p in phases):
+        if name in builders:
+            if strategy is not None:  # freed before the next one is built
+                strategy.close()
+                strategy = None
+            strategy = phase(name, builders[name])
+        elif strategy is None:
+            raise ValueError(f"phase {name} needs init in the same call")
+        elif name == "steps":
+            phase(name, lambda s=strategy: _steps(s, spec, ctx, steps))
+        else:
+            phase(name, lambda s=strategy: _save(s, folder))
+    if strategy is not None:
+        strategy.close()
     return out
