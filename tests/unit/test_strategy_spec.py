@@ -94,12 +94,27 @@ def test_deepspeed_config_ours_wins_and_warns() -> None:
                            "gradient_accumulation_steps: 4, fp16: {enabled: false}}"])
     warnings: list[str] = []
     config = build_deepspeed_config(spec.strategy, job=spec, warn=lambda m, *a: warnings.append(m % a))
-    assert config["zero_optimization"] == {"stage": 2, "overlap_comm": True}  # theirs kept, ours wins
+    d = spec.model.d_model  # bucket sized to the model's width
+    assert config["zero_optimization"] == {"stage": 2, "overlap_comm": True, "reduce_bucket_size": d * d}
     assert config["fp16"] == {"enabled": False} and config["gradient_accumulation_steps"] == 4
     assert config["train_micro_batch_size_per_gpu"] == spec.train.micro_batch_size
     assert config["gradient_clipping"] == spec.optim.grad_clip
     assert warnings == ["strategy.config.zero_optimization.stage=3 is overridden by Temper's value 2 "
                         "(set it through the job spec's own keys instead)"]  # equal values: silent
+
+
+def test_zero_buckets_are_sized_to_the_model_unless_the_config_sets_them() -> None:
+    from temper.strategies.deepspeed_config import build_deepspeed_config
+
+    spec = load_spec(GPT, ["strategy=deepspeed_zero3", "model.d_model=640", "model.n_head=10",
+                           "strategy.config={zero_optimization: {reduce_bucket_size: 1000}}"])
+    zero = build_deepspeed_config(spec.strategy, job=spec)["zero_optimization"]
+    assert zero == {"stage": 3, "memory_efficient_linear": False, "reduce_bucket_size": 1000,
+                    "stage3_prefetch_bucket_size": 368640, "stage3_param_persistence_threshold": 6400}
+    resnet = load_spec("jobs/ci/tiny-resnet.yaml", ["strategy=deepspeed_zero3"])
+    assert "reduce_bucket_size" not in build_deepspeed_config(resnet.strategy, job=resnet)["zero_optimization"]
+    zero1 = load_spec(GPT, ["strategy=deepspeed_zero1"])
+    assert "reduce_bucket_size" not in build_deepspeed_config(zero1.strategy, job=zero1)["zero_optimization"]
 
 
 def test_missing_deepspeed_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
