@@ -64,3 +64,32 @@ def test_the_watch_ends_after_settle_s_even_if_a_trial_keeps_writing(monkeypatch
     monkeypatch.setattr(tune, "time", FakeClock())
     assert tune._stop_trials_and_kill_their_runs(client, "parent") == "t0"
     assert tune.time.now == tune.SETTLE_S
+
+
+class SettlingClient(FakeClient):
+    def set_tag(self, run_id, key, value):
+        pass
+
+    def delete_tag(self, run_id, key):
+        pass
+
+    def log_metric(self, run_id, key, value, step):
+        pass
+
+
+def test_a_stopped_trial_that_writes_after_the_search_ended_ends_finished(monkeypatch) -> None:
+    """ASHA stopped trial b; its process ran on and its driver ended the run FAILED after the
+    search had settled it: the watch after fit() puts it back to FINISHED."""
+    client = SettlingClient([{"a": "FINISHED", "b": "RUNNING"}, {}, {"b": "FAILED"}])
+    shutdowns = []
+    monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append(dict(client.status)))
+    monkeypatch.setattr(tune, "time", FakeClock())
+    trial = lambda tid, step: SimpleNamespace(trial_id=tid, status="TERMINATED", config={"params": {}},  # noqa: E731
+                                              last_result={"step": step, "max_steps": 8, "val/loss": 1.0})
+    grid = SimpleNamespace(_experiment_analysis=SimpleNamespace(trials=[trial("a", 8), trial("b", 2)]))
+    result = tune.SearchResult(name="s", folder=None, parent_run_id="p", tracking_uri="", metric="val/loss", mode="min")
+    base = SimpleNamespace(train=SimpleNamespace(max_steps=8))
+    assert tune._settle_trials(grid, result=result, client=client, base=base) is False
+    assert shutdowns == [{}]  # Ray's job ended before any run was settled
+    assert [r.status for r in result.trials] == ["finished", "early-stopped"]
+    assert client.status == {"a": "FINISHED", "b": "FINISHED"}

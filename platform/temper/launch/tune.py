@@ -131,7 +131,7 @@ def run_search(request: SearchRequest) -> SearchResult:
             cut = _stop_trials_and_kill_their_runs(client, parent)
             raise KeyboardInterrupt(f"the search was interrupted (Ctrl-C) before trial(s) {cut or 'none'} "
                                     "finished; run the same command to resume it") from None
-        interrupted = _collect(grid, result=result, client=client, base=base)
+        interrupted = _settle_trials(grid, result=result, client=client, base=base)
         status = "KILLED" if interrupted else "FINISHED"
         _finish(result, client=client, setup=setup, space=space, register=request.register)
         if interrupted:
@@ -321,24 +321,62 @@ def _child_runs(client, parent: str) -> dict[str, Any]:
     return {r.data.tags[TRIAL_TAG]: r for r in runs if TRIAL_TAG in r.data.tags}
 
 
+def _settle_trials(grid, *, result: SearchResult, client, base) -> bool:
+    """After fit(): end this driver's Ray job, then settle every trial's run (_collect).
+
+    A trial ASHA stopped runs on for a few steps while Tune moves on, so the search may end
+    before its process does; Ray ends those processes with the job, and until QUIET_S pass
+    with nothing to correct (SETTLE_S at most) a run that a late write moved away from its
+    trial's outcome is put back. Returns True if the search was cut short."""
+    import ray
+
+    ray.shutdown()
+    interrupted = _collect(grid, result=result, client=client, base=base)
+    start = last_change = time.monotonic()
+    while time.monotonic() - start < SETTLE_S and time.monotonic() - last_change < QUIET_S:
+        time.sleep(1.0)
+        runs = _child_runs(client, result.parent_run_id)
+        for row in result.trials:
+            run = runs.get(row.trial_id)
+            if run is not None and _end_run_as(client, run, row):
+                last_change = time.monotonic()
+    return interrupted
+
+
+OUTCOME = {"finished": "FINISHED", "early-stopped": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
+
+
 def _settle_run(client, run, row: TrialRow, *, metric: str) -> None:
     """Record on a child run what the search ranked it by (`tune/<metric>`, its last reported
     value), and end one whose trial Tune stopped (ASHA) or the interrupt left running."""
-    run_id = run.info.run_id
     if row.value is not None:
-        client.log_metric(run_id, f"tune/{metric}", row.value, step=row.step or 0)
+        client.log_metric(run.info.run_id, f"tune/{metric}", row.value, step=row.step or 0)
+    _end_run_as(client, run, row)
+
+
+def _end_run_as(client, run, row: TrialRow) -> bool:
+    """The run's status as its trial's outcome; True if it changed anything. An early-stopped
+    trial's run ends FINISHED (an error its driver recorded as the workers went away is
+    removed); a run still RUNNING ends as its trial did (finished: FINISHED, failed: FAILED,
+    killed: KILLED); a run its own driver ended otherwise keeps that."""
+    run_id = run.info.run_id
     if row.status == "early-stopped":
         # Tune ends the trial's process: its workers may have run a few steps past the stop
         # decision, and its driver may have failed the run as its actors went away.
-        client.set_tag(run_id, EARLY_TAG, "true")
-        client.set_tag(run_id, "temper.tune.stopped_at_step", str(row.step))
+        changed = run.info.status != "FINISHED" or "temper.error" in run.data.tags
+        if EARLY_TAG not in run.data.tags:
+            client.set_tag(run_id, EARLY_TAG, "true")
+            client.set_tag(run_id, "temper.tune.stopped_at_step", str(row.step))
         if "temper.error" in run.data.tags:
             client.delete_tag(run_id, "temper.error")
             client.delete_tag(run_id, "mlflow.note.content")
         if run.info.status != "FINISHED":
             client.set_terminated(run_id, status="FINISHED")
-    elif row.status == "killed" and run.info.status == "RUNNING":
-        client.set_terminated(run_id, status="KILLED")
+        return changed
+    if run.info.status == "RUNNING":
+        client.set_terminated(run_id, status=OUTCOME[row.status])
+        return True
+    return False
 
 
 def _finish(result: SearchResult, *, client, setup: TrialSetup, space: SpaceFileSpec, register: str | None) -> None:
