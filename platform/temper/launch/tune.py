@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -280,7 +281,7 @@ def _collect(grid, *, result: SearchResult, client, base) -> bool:
     return interrupted
 
 
-SETTLE_S, QUIET_S = 30.0, 4.0  # after Ctrl-C: how long to watch the trials' runs as Ray stops them
+SETTLE_S, QUIET_S = 30.0, 4.0  # how long to watch the trials' runs as Ray stops them
 
 
 def _stop_trials_and_kill_their_runs(client, parent: str) -> str:
@@ -294,12 +295,18 @@ def _stop_trials_and_kill_their_runs(client, parent: str) -> str:
 
     cut = _kill_running_trials(client, parent, set())
     ray.shutdown()
+    _watch_until_quiet(lambda: bool(_kill_running_trials(client, parent, cut)))
+    return ", ".join(sorted(cut))
+
+
+def _watch_until_quiet(correct: Callable[[], bool]) -> None:
+    """Call `correct` (True: it changed a run) every second until QUIET_S pass with nothing
+    to correct, SETTLE_S at most: the trials' processes Ray is ending may still write."""
     start = last_change = time.monotonic()
     while time.monotonic() - start < SETTLE_S and time.monotonic() - last_change < QUIET_S:
         time.sleep(1.0)
-        if _kill_running_trials(client, parent, cut):
+        if correct():
             last_change = time.monotonic()
-    return ", ".join(sorted(cut))
 
 
 def _kill_running_trials(client, parent: str, cut: set[str]) -> set[str]:
@@ -332,14 +339,13 @@ def _settle_trials(grid, *, result: SearchResult, client, base) -> bool:
 
     ray.shutdown()
     interrupted = _collect(grid, result=result, client=client, base=base)
-    start = last_change = time.monotonic()
-    while time.monotonic() - start < SETTLE_S and time.monotonic() - last_change < QUIET_S:
-        time.sleep(1.0)
+
+    def correct() -> bool:
         runs = _child_runs(client, result.parent_run_id)
-        for row in result.trials:
-            run = runs.get(row.trial_id)
-            if run is not None and _end_run_as(client, run, row):
-                last_change = time.monotonic()
+        # every row is settled (no short-circuit), then whether any changed
+        return any([_end_run_as(client, runs[row.trial_id], row) for row in result.trials if row.trial_id in runs])
+
+    _watch_until_quiet(correct)
     return interrupted
 
 

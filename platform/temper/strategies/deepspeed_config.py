@@ -58,7 +58,7 @@ def sized_buckets(spec: DeepSpeedSpec, job: JobSpec) -> dict[str, int]:
     persistence 10 h. DeepSpeed's defaults (5e8, 5e7, 1e5 elements) are sized for
     billion-parameter models: its 5e8-element fp32 reduce bucket alone is 1.9 GiB of address
     space, and every page a step writes into it stays resident (ZeRO-3 at 60M parameters:
-    steps 2.8x their theory, 2.0-2.1x sized; docs/parallelism.md). Empty for a model without
+    steps 2.85x their theory, 1.9x sized; docs/parallelism.md). Empty for a model without
     a width (ResNet) or stage 1."""
     h = getattr(job.model, "hidden_size", None) or getattr(job.model, "d_model", None)
     if not h or spec.stage < 2:
